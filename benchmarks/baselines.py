@@ -1,0 +1,73 @@
+"""Reproduce the README's baselines table: every baseline on the embedded SmolLM2-135M.
+
+    python benchmarks/baselines.py                 # cpu protocol: 64×512 calibration, 32768 eval tokens
+    python benchmarks/baselines.py --protocol paper
+
+Writes benchmarks/results/baselines-<protocol>.{json,md} and, with --readme, replaces the
+table between the README's `baselines` markers.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import re
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from autoprune_ray.compress.baselines import markdown_table, run_baselines
+from autoprune_ray.compress.protocol import preset
+
+RESULTS = Path(__file__).parent / "results"
+README = Path(__file__).parent.parent / "README.md"
+
+
+def environment() -> dict:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"torch": torch.__version__, "python": platform.python_version(), "gpu": gpu,
+            "cpu_threads": torch.get_num_threads()}
+
+
+def update_readme(table: str, protocol: dict, command: str) -> None:
+    text = README.read_text()
+    block = (f"<!-- baselines:start -->\n{table}\n\nWikiText-style perplexity on held-out *Persuasion*; "
+             f"calibration {protocol['nsamples']}×{protocol['seqlen']} tokens (seed {protocol['seed']}) from the other "
+             f"five novels, evaluation on {protocol['eval_tokens']} held-out tokens. Reproduce with `{command}`.\n"
+             "<!-- baselines:end -->")
+    new, count = re.subn(r"<!-- baselines:start -->.*?<!-- baselines:end -->", block, text, flags=re.S)
+    if count != 1:
+        raise click.ClickException("README.md has no baselines markers")
+    README.write_text(new)
+
+
+@click.command()
+@click.option("--protocol", "protocol_name", default="cpu", show_default=True)
+@click.option("--methods", default="magnitude,wanda,ria,sparsegpt,owl-wanda,barber", show_default=True)
+@click.option("--sparsity", default="0.5,0.7", show_default=True)
+@click.option("--patterns", default="2:4", show_default=True)
+@click.option("--readme", is_flag=True, help="Write the table into README.md.")
+def main(protocol_name, methods, sparsity, patterns, readme):
+    proto = preset(protocol_name)
+    start = time.time()
+    table = run_baselines("smollm2", proto, methods.split(","), [float(s) for s in sparsity.split(",")],
+                          [p for p in patterns.split(",") if p],
+                          on_row=lambda r: print(f"{r['method']} {r['pattern']} {r['target_sparsity']:.2f}: "
+                                                 f"ppl {r['perplexity']:.3f}", flush=True))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    md = markdown_table(table)
+    protocol = table.iloc[0][["calib_data", "eval_data", "nsamples", "seqlen", "seed", "calib_tokens",
+                              "eval_tokens"]].to_dict()
+    protocol = {k: (v.item() if hasattr(v, "item") else v) for k, v in protocol.items()}
+    payload = {"protocol": protocol, "environment": environment(), "wall_seconds": time.time() - start,
+               "rows": json.loads(table.to_json(orient="records"))}
+    (RESULTS / f"baselines-{protocol_name}.json").write_text(json.dumps(payload, indent=2))
+    (RESULTS / f"baselines-{protocol_name}.md").write_text(md + "\n")
+    print(md)
+    if readme:
+        update_readme(md, protocol, f"python benchmarks/baselines.py --protocol {protocol_name} --readme")
+
+
+if __name__ == "__main__":
+    main()

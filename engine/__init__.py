@@ -1,0 +1,1 @@
+"""Ray engine: search loop, run storage and the command line."""

@@ -1,0 +1,187 @@
+"""The `autoprune-ray` command line."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from autoprune_ray.compress import protocol as protocols
+
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def clear_errors(func):
+    """Bad input ends in one clear line and a non-zero exit, not a traceback."""
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except (ValueError, FileNotFoundError, FloatingPointError, OSError) as exc:
+            raise click.ClickException(str(exc)) from exc
+    return wrapper
+
+
+def protocol_options(func):
+    """Shared options: model, corpora and calibration/evaluation sizes."""
+    options = [
+        click.option("--model", default="smollm2", show_default=True,
+                     help="'smollm2' (embedded), a local HF directory or a hub id."),
+        click.option("--data", "calib_data", default=None, help="Calibration corpus: austen (offline default), "
+                     "wikitext2, c4, or a .txt/.jsonl/.parquet file."),
+        click.option("--eval-data", default=None, help="Evaluation corpus (default: held-out split of --data)."),
+        click.option("--protocol", "protocol_name", default="cpu", show_default=True,
+                     type=click.Choice(sorted(protocols.PRESETS)),
+                     help="Size preset: paper (128×2048, full split), cpu (64×512, 32768 eval tokens), smoke."),
+        click.option("--nsamples", type=int, default=None, help="Calibration windows (overrides the preset)."),
+        click.option("--seqlen", type=int, default=None, help="Tokens per window (overrides the preset)."),
+        click.option("--seed", type=int, default=None, help="Calibration sampling seed (preset: 0)."),
+        click.option("--eval-tokens", type=int, default=None, help="Cap on held-out tokens (overrides the preset)."),
+        click.option("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)."),
+        click.option("--dtype", type=click.Choice(sorted(DTYPES)), default=None,
+                     help="Weights dtype (default: fp32 on CPU, bf16/fp16 on GPU)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def resolve_protocol(protocol_name, **overrides):
+    return protocols.preset(protocol_name).with_overrides(**overrides)
+
+
+def torch_dtype(name):
+    import torch
+    return getattr(torch, DTYPES[name]) if name else None
+
+
+def parse_sparsities(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers") from None
+    for v in values:
+        if not 0 <= v < 1:
+            raise click.BadParameter(f"sparsity {v} is outside [0, 1)")
+    return values
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="autoprune-ray")
+def main():
+    """autoprune-ray: an LLM designs model-compression algorithms and a Ray cluster tests them.
+
+    \b
+    Examples:
+      autoprune-ray prune --method wanda --sparsity 0.5
+      autoprune-ray baselines --sparsity 0.5,0.7 --patterns 2:4
+    """
+
+
+@main.command()
+@click.option("--method", default="wanda", show_default=True,
+              help="magnitude, wanda, ria, sparsegpt or barber (LLM-Barber).")
+@click.option("--sparsity", type=float, default=0.5, show_default=True, help="Target share of pruned weights.")
+@click.option("--pattern", default=None, help="N:M semi-structured pattern, e.g. 2:4 or 4:8.")
+@click.option("--allocation", default="uniform", show_default=True, help="Layer-wise allocation: uniform or owl.")
+@click.option("--owl-lambda", type=float, default=0.08, show_default=True, help="OWL range λ.")
+@click.option("--owl-m", type=float, default=5.0, show_default=True, help="OWL outlier threshold M.")
+@click.option("--mode", default="sequential", show_default=True,
+              help="Statistics: sequential (Wanda protocol) or one-pass (dense, cached).")
+@protocol_options
+@click.option("--save", type=click.Path(file_okay=False), default=None, help="Write the pruned model (HF format) here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a table.")
+@clear_errors
+def prune(method, sparsity, pattern, allocation, owl_lambda, owl_m, mode, model, calib_data, eval_data,
+          protocol_name, nsamples, seqlen, seed, eval_tokens, device, dtype, save, as_json):
+    """Prune a model with one baseline and report its perplexity.
+
+    \b
+    Examples:
+      autoprune-ray prune --method wanda --sparsity 0.5
+      autoprune-ray prune --method sparsegpt --pattern 2:4 --save pruned/
+      autoprune-ray prune --method wanda --allocation owl --sparsity 0.7
+      autoprune-ray prune --model meta-llama/Llama-2-7b-hf --data c4 --eval-data wikitext2 --protocol paper
+    """
+    from autoprune_ray.compress.data import load_token_data
+    from autoprune_ray.compress.eval import perplexity
+    from autoprune_ray.compress.export import save_pruned
+    from autoprune_ray.compress.models import load_model
+    from autoprune_ray.compress.prune import PruneConfig, prune_model
+
+    cfg = PruneConfig(method=method, sparsity=sparsity, pattern=pattern, allocation=allocation, mode=mode,
+                      owl_lambda=owl_lambda, owl_m=owl_m).validate()
+    proto = resolve_protocol(protocol_name, calib_data=calib_data, eval_data=eval_data, nsamples=nsamples,
+                             seqlen=seqlen, seed=seed, eval_tokens=eval_tokens)
+    lm = load_model(model, device=device, dtype=torch_dtype(dtype))
+    data = load_token_data(lm.tokenizer, proto.calib_data, proto.eval_data, proto.nsamples, proto.seqlen,
+                           proto.seed, proto.eval_tokens)
+    result = prune_model(lm, data, cfg)
+    ppl = perplexity(lm, data.evaluation, data.seqlen)
+    report = {**result.to_dict(), "perplexity": ppl, "model": lm.name, "protocol": data.describe()}
+    if save:
+        save_pruned(lm, save, report)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    _print_table([{"method": cfg.label, "target": f"{cfg.target_sparsity:.2%}", "achieved": f"{result.sparsity:.4%}",
+                   "perplexity": f"{ppl:.3f}", "seconds": f"{result.seconds:.1f}"}], title=lm.name)
+    d = data.describe()
+    click.echo(f"calibration {d['nsamples']}×{d['seqlen']} tokens of {d['calib_data']} (seed {d['seed']}); "
+               f"evaluation {d['eval_tokens']} held-out tokens of {d['eval_data']}")
+    if save:
+        click.echo(f"saved to {save}")
+
+
+@main.command()
+@click.option("--sparsity", "sparsities", default="0.5,0.7", show_default=True,
+              help="Comma-separated unstructured sparsities.")
+@click.option("--patterns", default="2:4", show_default=True, help="Comma-separated N:M patterns ('' for none).")
+@click.option("--methods", default="magnitude,wanda,ria,sparsegpt,owl-wanda,barber", show_default=True,
+              help="Comma-separated baselines.")
+@protocol_options
+@click.option("--out", type=click.Path(dir_okay=False), default="baselines.parquet", show_default=True,
+              help="Parquet file for the table.")
+@clear_errors
+def baselines(sparsities, patterns, methods, model, calib_data, eval_data, protocol_name, nsamples, seqlen,
+              seed, eval_tokens, device, dtype, out):
+    """Run every baseline on one model into one table (Markdown on screen, Parquet on disk).
+
+    \b
+    Examples:
+      autoprune-ray baselines --sparsity 0.5,0.6,0.7
+      autoprune-ray baselines --methods wanda,sparsegpt --patterns 2:4,4:8 --out table.parquet
+    """
+    from autoprune_ray.compress.baselines import markdown_table, run_baselines
+
+    proto = resolve_protocol(protocol_name, calib_data=calib_data, eval_data=eval_data, nsamples=nsamples,
+                             seqlen=seqlen, seed=seed, eval_tokens=eval_tokens)
+    labels = [m.strip() for m in methods.split(",") if m.strip()]
+    pats = [p.strip() for p in patterns.split(",") if p.strip()]
+    table = run_baselines(model, proto, labels, parse_sparsities(sparsities), pats, device=device,
+                          dtype=torch_dtype(dtype),
+                          on_row=lambda r: click.echo(f"{r['method']} {r['pattern']} {r['target_sparsity']:.2f}: "
+                                                      f"ppl {r['perplexity']:.3f}", err=True))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    table.to_parquet(out)
+    click.echo(markdown_table(table))
+    click.echo(f"\nwritten to {out}")
+
+
+def _print_table(rows: list[dict], title: str = "") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for key in rows[0]:
+        table.add_column(key)
+    for row in rows:
+        table.add_row(*[str(v) for v in row.values()])
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

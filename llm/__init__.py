@@ -1,0 +1,1 @@
+"""Policy backends, preference log and DPO."""

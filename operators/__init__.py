@@ -1,0 +1,1 @@
+"""Candidate language and variation operators."""
