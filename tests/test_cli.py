@@ -1,0 +1,78 @@
+"""The command line on the tiny model: tables, export, and clear errors for bad input."""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from autoprune_ray.engine.cli import main
+
+
+@pytest.fixture
+def run(tiny_model_dir, corpus_file):
+    def invoke(*args):
+        common = ["--model", str(tiny_model_dir), "--data", str(corpus_file), "--nsamples", "4", "--seqlen", "32",
+                  "--eval-tokens", "128", "--device", "cpu"]
+        return CliRunner().invoke(main, [args[0], *common, *args[1:]])  # later options win
+    return invoke
+
+
+def test_help_lists_commands_with_examples():
+    out = CliRunner().invoke(main, ["--help"]).output
+    assert "prune" in out and "baselines" in out
+    for command in ("prune", "baselines"):
+        assert "Examples:" in CliRunner().invoke(main, [command, "--help"]).output
+
+
+def test_prune_prints_table_and_exports_loadable_model(run, tmp_path):
+    from transformers import AutoModelForCausalLM
+    result = run("prune", "--method", "wanda", "--sparsity", "0.5", "--save", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    assert "wanda" in result.output and "50.0000%" in result.output
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    q = model.model.layers[1].self_attn.q_proj.weight
+    assert ((q == 0).sum(1) == q.shape[1] // 2).all()
+    report = json.loads((tmp_path / "out" / "pruning.json").read_text())
+    assert report["sparsity"] == 0.5 and report["protocol"]["nsamples"] == 4
+
+
+def test_prune_json_output(run):
+    result = run("prune", "--method", "sparsegpt", "--pattern", "2:4", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    assert report["label"] == "sparsegpt 2:4" and report["sparsity"] == 0.5
+    assert torch.isfinite(torch.tensor(report["perplexity"]))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "obs"], "unknown method"),
+    (["--sparsity", "1.0"], "outside [0, 1)"),
+    (["--sparsity", "-0.1"], "outside [0, 1)"),
+    (["--pattern", "3:7"], "does not divide"),
+    (["--pattern", "two:four"], "bad N:M"),
+    (["--allocation", "random"], "unknown allocation"),
+    (["--data", "/nonexistent/corpus.txt"], "does not exist"),
+    (["--nsamples", "0"], "nsamples must be positive"),
+    (["--eval-tokens", "8"], "less than one window"),
+])
+def test_bad_input_gets_one_clear_message(run, args, message):
+    result = run("prune", *args)
+    assert result.exit_code != 0
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_files_are_reported(tmp_path):
+    result = CliRunner().invoke(main, ["prune", "--data", str(tmp_path / "none.txt"), "--model", str(tmp_path)])
+    assert result.exit_code != 0 and "config.json" in result.output
+
+
+def test_baselines_table_to_parquet(run, tmp_path):
+    import pandas as pd
+    out = tmp_path / "t.parquet"
+    result = run("baselines", "--methods", "magnitude,wanda,owl-wanda", "--sparsity", "0.5", "--patterns", "2:4",
+                 "--out", str(out))
+    assert result.exit_code == 0, result.output
+    table = pd.read_parquet(out)
+    assert list(table.method) == ["dense", "magnitude", "magnitude", "wanda", "wanda", "owl-wanda"]
+    assert "| method | 50% | 2:4 |" in result.output
