@@ -8,17 +8,21 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from autoprune_ray.kernels import expr
+from autoprune_ray.kernels.expr import Node
+
 from . import allocation
 from .barber import reconstruction_grad_rms, swap_rebuild
 from .data import TokenData
 from .masks import check_sparsity, parse_pattern, select_mask
 from .models import LoadedModel, block_linears, decoder_layers
 from .scores import SCORES
+from .program import program_score, score_inputs, uses_input
 from .sparsegpt import sparsegpt_prune
 from .stats import BlockContext, BlockStats, calibration_stats
 
-METHODS = ("magnitude", "wanda", "ria", "sparsegpt", "barber")
-ALLOCATIONS = ("uniform", "owl")
+METHODS = ("magnitude", "wanda", "ria", "sparsegpt", "barber", "program")
+ALLOCATIONS = ("uniform", "owl", "program")
 MODES = ("sequential", "one-pass")
 
 
@@ -34,6 +38,10 @@ class PruneConfig:
     barber_swap: float = 0.01           # LLM-Barber: share of each row's weights swapped
     sparsegpt_blocksize: int = 128
     sparsegpt_damp: float = 0.01
+    program: Node | None = None          # method "program": a candidate score tree
+    granularity: str = "row"             # its selection: per output row or whole layer
+    allocation_program: Node | None = None  # allocation "program": a per-block tree (SDSA)
+    allocation_lambda: float = 0.16      # its range: block sparsities within S ± λ
 
     def validate(self) -> "PruneConfig":
         if self.method not in METHODS:
@@ -48,6 +56,12 @@ class PruneConfig:
             raise ValueError("OWL allocates unstructured sparsity per block; it does not combine with N:M")
         if nm is not None and self.method == "barber":
             raise ValueError("the LLM-Barber swap is defined for unstructured masks; drop --pattern")
+        if (self.method == "program") != (self.program is not None):
+            raise ValueError("method 'program' and a program tree go together")
+        if (self.allocation == "program") != (self.allocation_program is not None):
+            raise ValueError("allocation 'program' and an allocation tree go together")
+        if self.granularity not in ("row", "layer"):
+            raise ValueError(f"unknown granularity {self.granularity!r}: use row or layer")
         if self.method == "barber" and self.mode != "sequential":
             raise ValueError("LLM-Barber needs each block's dense outputs: use mode sequential")
         if nm is not None and self.method == "sparsegpt" and self.sparsegpt_blocksize % nm[1]:
@@ -64,7 +78,7 @@ class PruneConfig:
 
     @property
     def label(self) -> str:
-        name = f"owl-{self.method}" if self.allocation == "owl" else self.method
+        name = f"{self.allocation}-{self.method}" if self.allocation != "uniform" else self.method
         return f"{name} {self.pattern}" if self.nm else name
 
 
@@ -99,9 +113,11 @@ def check_widths(model: nn.Module, nm: tuple[int, int] | None) -> None:
 class BlockPruner:
     """Prunes one block given its statistics; a `stats.BlockHook` for the sequential walk."""
 
-    def __init__(self, cfg: PruneConfig, targets: list[float], result: PruneResult):
+    def __init__(self, cfg: PruneConfig, targets: list[float], result: PruneResult,
+                 grad_rms: list[dict[str, torch.Tensor]] | None = None):
         self.cfg, self.targets, self.result = cfg, targets, result
-        self.signature = json.dumps(asdict(cfg), sort_keys=True) + json.dumps(targets)
+        self.grad_rms = grad_rms
+        self.signature = json.dumps(asdict(cfg), sort_keys=True, default=str) + json.dumps(targets)
 
     def __call__(self, index: int, block: nn.Module, stats: BlockStats | None,
                  ctx: BlockContext | None = None) -> None:
@@ -110,7 +126,8 @@ class BlockPruner:
         if self.cfg.method == "sparsegpt":
             masks = self._sparsegpt(linears, stats, sparsity)
         else:
-            masks = {name: self._score_mask(name, lin.weight, stats, sparsity) for name, lin in linears.items()}
+            masks = {name: self._score_mask(index, name, lin.weight, stats, sparsity)
+                     for name, lin in linears.items()}
             if self.cfg.method == "barber":
                 masks = self._barber(block, linears, masks, ctx)
             for name, lin in linears.items():
@@ -118,7 +135,12 @@ class BlockPruner:
         for name, mask in masks.items():
             self._record(f"{index}.{name}", mask)
 
-    def _score_mask(self, name, weight, stats, sparsity):
+    def _score_mask(self, index, name, weight, stats, sparsity):
+        if self.cfg.method == "program":
+            grad = self.grad_rms[index][name] if self.grad_rms else None
+            env = score_inputs(weight.data, stats[name], grad, index / max(len(self.targets) - 1, 1))
+            score = program_score(self.cfg.program, env)
+            return select_mask(score, sparsity, self.cfg.nm, self.cfg.granularity)
         method = "wanda" if self.cfg.method == "barber" else self.cfg.method
         score = SCORES[method](weight.data, stats[name] if stats is not None else None)
         granularity = "layer" if method == "magnitude" else "row"
@@ -153,10 +175,21 @@ def block_targets(lm: LoadedModel, data: TokenData | None, cfg: PruneConfig) -> 
     if cfg.allocation == "uniform":
         return allocation.uniform(cfg.target_sparsity, n_blocks)
     stats = calibration_stats(lm, data, "one-pass", with_gram=False)
-    ratios = [allocation.outlier_ratio({n: l.weight.data for n, l in block_linears(b).items()},
-                                       stats.blocks[i], cfg.owl_m)
-              for i, b in enumerate(decoder_layers(lm.model))]
-    return allocation.owl(cfg.sparsity, ratios, cfg.owl_lambda)
+    weights = [{n: l.weight.data for n, l in block_linears(b).items()} for b in decoder_layers(lm.model)]
+    if cfg.allocation == "owl":
+        ratios = [allocation.outlier_ratio(w, stats.blocks[i], cfg.owl_m) for i, w in enumerate(weights)]
+        return allocation.owl(cfg.sparsity, ratios, cfg.owl_lambda)
+    inputs = allocation.layer_statistics(weights, stats.blocks, cfg.owl_m)
+    raw = expr.evaluate(cfg.allocation_program, inputs)
+    return allocation.normalize_allocation(raw.expand(n_blocks, 1), cfg.sparsity, cfg.allocation_lambda)
+
+
+def program_gradients(lm: LoadedModel, data: TokenData, cfg: PruneConfig):
+    """LM-loss gradient RMS from the dense model (cached), only for programs that read G."""
+    if cfg.method != "program" or not uses_input(cfg.program, "G"):
+        return None
+    stats = calibration_stats(lm, data, "one-pass", with_gram=False, with_grad=True)
+    return [block.grad_rms for block in stats.blocks]
 
 
 def prune_model(lm: LoadedModel, data: TokenData | None, cfg: PruneConfig) -> PruneResult:
@@ -168,7 +201,7 @@ def prune_model(lm: LoadedModel, data: TokenData | None, cfg: PruneConfig) -> Pr
     start = time.perf_counter()
     targets = block_targets(lm, data, cfg)
     result = PruneResult(cfg, targets)
-    pruner = BlockPruner(cfg, targets, result)
+    pruner = BlockPruner(cfg, targets, result, program_gradients(lm, data, cfg))
     if cfg.method == "magnitude":
         for index, block in enumerate(decoder_layers(lm.model)):
             pruner(index, block, None)

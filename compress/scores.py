@@ -20,7 +20,14 @@ def ria(weight: torch.Tensor, stats: InputStats, alpha: float = 0.5) -> torch.Te
     (|W|/Σ_col|W| + |W|/Σ_row|W|) · ||X||^α."""
     a = weight.abs().float()
     relative = a / a.sum(dim=0, keepdim=True) + a / a.sum(dim=1, keepdim=True)
-    return relative * stats.wanda_norm.pow(alpha).unsqueeze(0)
+    # sqrt for the published α = 0.5: the same operation the candidate language's seed uses
+    act = stats.wanda_norm.sqrt() if alpha == 0.5 else stats.wanda_norm.pow(alpha)
+    return relative * act.unsqueeze(0)
+
+
+def weight_gradient(weight: torch.Tensor, grad_rms: torch.Tensor) -> torch.Tensor:
+    """LLM-Barber's importance |W| · sqrt(E[g²]) (GBLM-style when g comes from the LM loss)."""
+    return weight.abs().float() * grad_rms.float()
 
 
 SCORES = {"magnitude": magnitude, "wanda": wanda, "ria": ria}

@@ -1,0 +1,120 @@
+"""Symbolic variation operators on expression trees: subtree mutation, constant perturbation,
+operator swap and crossover. Each returns a *valid* candidate (or None after `tries` attempts),
+so they serve when the LLM is weak and as extra diversity."""
+from __future__ import annotations
+
+import random
+
+from autoprune_ray.kernels import expr
+from autoprune_ray.kernels.expr import OPS, Node
+from autoprune_ray.operators.canonical import canonicalize, pretty
+from autoprune_ray.operators.language import (MAX_CONST, MAX_EXPONENT, TASKS, Candidate, CandidateError,
+                                              check_tree)
+
+UNARY = ["abs", "sqrt", "log1p", "square", "sigmoid", "tanh", "neg", "exp"]
+BINARY = ["add", "sub", "mul", "div", "max2", "min2"]
+REDUCE = [f"{k}_{axis}" for k in ("sum", "mean", "std", "norm", "max") for axis in ("row", "col")]
+
+
+def _paths(node: Node, prefix=()):
+    yield prefix, node
+    for i, a in enumerate(node.args):
+        yield from _paths(a, prefix + (i,))
+
+
+def _replace(node: Node, path: tuple, new: Node) -> Node:
+    if not path:
+        return new
+    args = list(node.args)
+    args[path[0]] = _replace(args[path[0]], path[1:], new)
+    return Node(node.op, tuple(args), node.value)
+
+
+def random_tree(rng: random.Random, task: str = "prune", depth: int = 3) -> Node:
+    """A small random expression over the task's inputs."""
+    names = list(TASKS[task].inputs)
+    if depth <= 0 or rng.random() < 0.3:
+        if rng.random() < 0.15:
+            return expr.const(round(rng.uniform(0.1, 3), 2))
+        # the first input (W, or skew) carries the per-element shape a valid result needs
+        return expr.inp(names[0] if rng.random() < 0.4 else rng.choice(names))
+    roll = rng.random()
+    if roll < 0.4:
+        return Node(rng.choice(UNARY), (random_tree(rng, task, depth - 1),))
+    if roll < 0.5:
+        return Node("pow", (random_tree(rng, task, depth - 1),), rng.choice([0.25, 0.5, 1.5, 2.0, 3.0, -0.5]))
+    if roll < 0.6 and task == "prune":
+        return Node(rng.choice(REDUCE), (random_tree(rng, task, depth - 1),))
+    return Node(rng.choice(BINARY), (random_tree(rng, task, depth - 1), random_tree(rng, task, depth - 1)))
+
+
+def _finish(tree: Node, task: str, parents: tuple[Candidate, ...]) -> Candidate | None:
+    try:
+        tree = canonicalize(tree)
+        check_tree(tree, TASKS[task])
+    except CandidateError:
+        return None
+    if any(tree == p.tree for p in parents):
+        return None  # no change is no variation
+    granularity = parents[0].granularity if parents else "row"
+    return Candidate(task=task, tree=tree, source=pretty(tree, TASKS[task]), granularity=granularity)
+
+
+def _retry(make, tries: int):
+    for _ in range(tries):
+        child = make()
+        if child is not None:
+            return child
+    return None
+
+
+def subtree_mutation(parent: Candidate, rng: random.Random, tries: int = 20) -> Candidate | None:
+    def make():
+        path, _ = rng.choice(list(_paths(parent.tree)))
+        return _finish(_replace(parent.tree, path, random_tree(rng, parent.task, 2)), parent.task, (parent,))
+    return _retry(make, tries)
+
+
+def constant_perturbation(parent: Candidate, rng: random.Random, tries: int = 20) -> Candidate | None:
+    """Scale constants by a log-normal factor and nudge exponents, within the language's limits."""
+    targets = [(p, n) for p, n in _paths(parent.tree) if n.op == "const" or n.op == "pow"]
+    if not targets:
+        return None
+
+    def make():
+        path, node = rng.choice(targets)
+        if node.op == "const":
+            value = max(-MAX_CONST, min(MAX_CONST, node.value * rng.lognormvariate(0, 0.5)))
+            new = expr.const(round(value, 4))
+        else:
+            exponent = max(-MAX_EXPONENT, min(MAX_EXPONENT, node.value + rng.choice([-0.5, -0.25, 0.25, 0.5])))
+            new = Node("pow", node.args, exponent)
+        return _finish(_replace(parent.tree, path, new), parent.task, (parent,))
+    return _retry(make, tries)
+
+
+def operator_swap(parent: Candidate, rng: random.Random, tries: int = 20) -> Candidate | None:
+    """Replace one operation by another of the same arity (abs→sqrt, mul→div, sum_row→mean_row…)."""
+    def make():
+        path, node = rng.choice(list(_paths(parent.tree)))
+        pool = next((p for p in (UNARY, BINARY, REDUCE) if node.op in p), None)
+        if pool is None:
+            return None
+        return _finish(_replace(parent.tree, path, Node(rng.choice(pool), node.args)), parent.task, (parent,))
+    return _retry(make, tries)
+
+
+def crossover(a: Candidate, b: Candidate, rng: random.Random, tries: int = 20) -> Candidate | None:
+    """Graft a random subtree of `b` into a random place of `a`."""
+    if a.task != b.task:
+        raise ValueError("crossover needs two candidates of the same task")
+
+    def make():
+        path, _ = rng.choice(list(_paths(a.tree)))
+        _, donor = rng.choice(list(_paths(b.tree)))
+        return _finish(_replace(a.tree, path, donor), a.task, (a, b))
+    return _retry(make, tries)
+
+
+MUTATIONS = {"subtree": subtree_mutation, "constant": constant_perturbation, "operator": operator_swap}
+assert set(UNARY + BINARY + REDUCE) <= set(OPS)
