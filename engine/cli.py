@@ -84,6 +84,9 @@ def main():
 @main.command()
 @click.option("--method", default="wanda", show_default=True,
               help="magnitude, wanda, ria, sparsegpt or barber (LLM-Barber).")
+@click.option("--program", "program_file", type=click.Path(dir_okay=False), default=None,
+              help="A candidate pruning metric (Python file, `def score(W, A, ...)`); overrides --method.")
+@click.option("--granularity", default="row", show_default=True, help="For --program: row or layer selection.")
 @click.option("--sparsity", type=float, default=0.5, show_default=True, help="Target share of pruned weights.")
 @click.option("--pattern", default=None, help="N:M semi-structured pattern, e.g. 2:4 or 4:8.")
 @click.option("--allocation", default="uniform", show_default=True, help="Layer-wise allocation: uniform or owl.")
@@ -95,7 +98,7 @@ def main():
 @click.option("--save", type=click.Path(file_okay=False), default=None, help="Write the pruned model (HF format) here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a table.")
 @clear_errors
-def prune(method, sparsity, pattern, allocation, owl_lambda, owl_m, mode, model, calib_data, eval_data,
+def prune(method, program_file, granularity, sparsity, pattern, allocation, owl_lambda, owl_m, mode, model, calib_data, eval_data,
           protocol_name, nsamples, seqlen, seed, eval_tokens, device, dtype, save, as_json):
     """Prune a model with one baseline and report its perplexity.
 
@@ -112,8 +115,11 @@ def prune(method, sparsity, pattern, allocation, owl_lambda, owl_m, mode, model,
     from autoprune_ray.compress.models import load_model
     from autoprune_ray.compress.prune import PruneConfig, prune_model
 
-    cfg = PruneConfig(method=method, sparsity=sparsity, pattern=pattern, allocation=allocation, mode=mode,
-                      owl_lambda=owl_lambda, owl_m=owl_m).validate()
+    program = load_program(program_file, granularity) if program_file else None
+    cfg = PruneConfig(method="program" if program else method, sparsity=sparsity, pattern=pattern,
+                      allocation=allocation, mode=mode, owl_lambda=owl_lambda, owl_m=owl_m,
+                      program=program.tree if program else None,
+                      granularity=program.granularity if program else "row").validate()
     proto = resolve_protocol(protocol_name, calib_data=calib_data, eval_data=eval_data, nsamples=nsamples,
                              seqlen=seqlen, seed=seed, eval_tokens=eval_tokens)
     lm = load_model(model, device=device, dtype=torch_dtype(dtype))
@@ -169,6 +175,38 @@ def baselines(sparsities, patterns, methods, model, calib_data, eval_data, proto
     table.to_parquet(out)
     click.echo(markdown_table(table))
     click.echo(f"\nwritten to {out}")
+
+
+def load_program(path: str, granularity: str = "row"):
+    from autoprune_ray.operators.language import CandidateError, parse
+    if not Path(path).exists():
+        raise FileNotFoundError(f"program file {path} does not exist")
+    try:
+        return parse(Path(path).read_text(encoding="utf-8", errors="replace"), "prune", granularity)
+    except CandidateError as exc:
+        raise click.ClickException(f"program rejected: {exc}") from None
+
+
+@main.command()
+@click.argument("program_file", type=click.Path(dir_okay=False))
+@click.option("--task", default="prune", show_default=True, help="prune (a score) or allocate (SDSA).")
+def check(program_file, task):
+    """Parse a candidate program (never executed): print its canonical form and hash, or why it is rejected.
+
+    \b
+    Examples:
+      autoprune-ray check my_metric.py
+      echo 'def score(W, A): return W.abs() * A' > m.py && autoprune-ray check m.py
+    """
+    from autoprune_ray.operators.language import CandidateError, parse
+    if not Path(program_file).exists():
+        raise click.ClickException(f"program file {program_file} does not exist")
+    try:
+        cand = parse(Path(program_file).read_text(encoding="utf-8", errors="replace"), task)
+    except CandidateError as exc:
+        raise click.ClickException(f"rejected: {exc}") from None
+    click.echo(f"# hash {cand.hash}; inputs {', '.join(cand.inputs)}")
+    click.echo(cand.code, nl=False)
 
 
 def _print_table(rows: list[dict], title: str = "") -> None:

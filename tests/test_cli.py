@@ -76,3 +76,25 @@ def test_baselines_table_to_parquet(run, tmp_path):
     table = pd.read_parquet(out)
     assert list(table.method) == ["dense", "magnitude", "magnitude", "wanda", "wanda", "owl-wanda"]
     assert "| method | 50% | 2:4 |" in result.output
+
+
+def test_prune_with_a_program_file_equals_wanda(run, tmp_path):
+    program = tmp_path / "metric.py"
+    program.write_text("Here you go:\n```python\ndef score_v2(weight, act):\n    return torch.abs(weight) * act\n```\n")
+    ours = run("prune", "--program", str(program), "--json").output
+    ours = json.loads(ours[ours.index("{"):])
+    wanda = run("prune", "--method", "wanda", "--json").output
+    wanda = json.loads(wanda[wanda.index("{"):])
+    assert ours["perplexity"] == wanda["perplexity"] and ours["label"] == "program"
+
+
+def test_check_prints_canonical_form_or_reason(tmp_path):
+    good, bad = tmp_path / "good.py", tmp_path / "bad.py"
+    good.write_text("def f(act, weight):\n    s = act * weight.abs()\n    return s")
+    bad.write_text("def f(W):\n    import os\n    return W")
+    out = CliRunner().invoke(main, ["check", str(good)])
+    assert out.exit_code == 0 and "return A * abs(W)" in out.output
+    out = CliRunner().invoke(main, ["check", str(bad)])
+    assert out.exit_code != 0 and "import os" in out.output
+    out = CliRunner().invoke(main, ["prune", "--program", str(bad)])
+    assert out.exit_code != 0 and "program rejected" in out.output
