@@ -35,6 +35,8 @@ class ProgramEvaluator:
         self.stats = stats or calibration_stats(lm, data, "one-pass", with_gram=True, with_grad=with_grad)
         self.layers = [block_linears(b) for b in decoder_layers(lm.model)]
         self.dense = [{n: l.weight.data.clone() for n, l in block.items()} for block in self.layers]
+        self._base: dict[tuple[int, str], float] = {}
+        self._last_masks: list = []
 
     def _masks(self, tree: Node, sparsity: float, pattern: str | None, granularity: str):
         nm = parse_pattern(pattern)
@@ -47,32 +49,49 @@ class ProgramEvaluator:
                                    self.stats.blocks[index].grad_rms.get(name), index / max(n - 1, 1))
                 yield index, name, select_mask(program_score(tree, env), sparsity, nm, granularity)
 
-    def proxy(self, tree: Node, sparsity: float, pattern: str | None = None, granularity: str = "row"
-              ) -> ProgramFitness:
+    def _base_error(self, index: int, name: str) -> float:
+        """||W X||², the error of pruning everything: the proxy's per-layer normaliser."""
+        key = (index, name)
+        if key not in self._base:
+            w = self.dense[index][name]
+            self._base[key] = reconstruction_error(w, torch.zeros_like(w), self.stats.blocks[index][name].gram)
+        return self._base[key]
+
+    def proxy(self, tree: Node, sparsity: float, pattern: str | None = None, granularity: str = "row",
+              keep_masks: bool = False) -> ProgramFitness:
         start = time.perf_counter()
-        total_rel, count, pruned, numel = 0.0, 0, 0, 0
+        total_rel, count, pruned, numel, masks = 0.0, 0, 0, 0, []
         for index, name, mask in self._masks(tree, sparsity, pattern, granularity):
-            w, gram = self.dense[index][name], self.stats.blocks[index][name].gram
-            err = reconstruction_error(w, w * ~mask, gram)
-            base = reconstruction_error(w, torch.zeros_like(w), gram)
+            w = self.dense[index][name]
+            err = reconstruction_error(w, w * ~mask, self.stats.blocks[index][name].gram)
+            base = self._base_error(index, name)
             total_rel += err / base if base > 0 else 0.0
             count += 1
             pruned += int(mask.sum())
             numel += mask.numel()
-        return ProgramFitness(total_rel / count, pruned / numel, time.perf_counter() - start)
+            if keep_masks:
+                masks.append((index, name, mask))
+        result = ProgramFitness(total_rel / count, pruned / numel, time.perf_counter() - start)
+        self._last_masks = masks
+        return result
 
     def full(self, tree: Node, sparsity: float, pattern: str | None = None, granularity: str = "row",
              eval_tokens: torch.Tensor | None = None) -> ProgramFitness:
         """Proxy plus held-out perplexity of the model pruned by the program's masks."""
-        result = self.proxy(tree, sparsity, pattern, granularity)
+        result = self.proxy(tree, sparsity, pattern, granularity, keep_masks=True)
+        return self.perplexity_of_last(result, eval_tokens)
+
+    def perplexity_of_last(self, result: ProgramFitness, eval_tokens: torch.Tensor | None = None) -> ProgramFitness:
+        """Held-out perplexity with the masks of the last `proxy(..., keep_masks=True)` call."""
         start = time.perf_counter()
         try:
-            for index, name, mask in self._masks(tree, sparsity, pattern, granularity):
+            for index, name, mask in self._last_masks:
                 self.layers[index][name].weight.data[mask] = 0
             tokens = self.data.evaluation if eval_tokens is None else eval_tokens
             result.perplexity = perplexity(self.lm, tokens, self.data.seqlen, progress=False)
         finally:
             self.restore()
+            self._last_masks = []
         result.seconds += time.perf_counter() - start
         return result
 

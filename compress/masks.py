@@ -30,14 +30,18 @@ def prune_count(total: int, sparsity: float) -> int:
 
 
 def row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Prune the `round(in·s)` lowest scores of every output row (Wanda, RIA)."""
+    """Prune the `round(in·s)` lowest scores of every output row (Wanda, RIA).
+
+    Equal scores are pruned left to right, exactly as Wanda's `torch.sort(stable=True)` does,
+    but in O(in) per row: the k-th value by selection, then the leftmost ties up to the count."""
     k = prune_count(score.shape[1], check_sparsity(sparsity))
-    mask = torch.zeros_like(score, dtype=torch.bool)
-    if k:
-        # stable sort: equal scores are pruned left to right, as in Wanda's reference
-        idx = torch.sort(score, dim=1, stable=True)[1][:, :k]
-        mask.scatter_(1, idx, True)
-    return mask
+    if k == 0:
+        return torch.zeros_like(score, dtype=torch.bool)
+    kth = score.kthvalue(k, dim=1, keepdim=True).values
+    below = score < kth
+    ties = score == kth
+    room = k - below.sum(dim=1, keepdim=True)
+    return below | (ties & (ties.cumsum(dim=1) <= room))
 
 
 def layer_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:

@@ -1,0 +1,187 @@
+"""Run configuration: YAML validated into dataclasses, with messages that name the bad key."""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class TargetConfig:
+    """The model being compressed and how a candidate is measured on it."""
+    model: str = "smollm2"
+    calib_data: str = "austen"
+    nsamples: int = 16
+    seqlen: int = 256
+    seed: int = 0
+    eval_tokens: int = 4096          # held-out tokens for search-time perplexity
+    sparsity: float = 0.5
+    pattern: str | None = None
+    device: str | None = None
+
+
+@dataclass
+class PolicyConfig:
+    """The LLM that writes candidates."""
+    backend: str = "transformers"    # transformers | vllm | openai | scripted
+    model: str = "smollm2"
+    temperature: float = 0.8
+    max_new_tokens: int = 160
+    prompts_per_batch: int = 4
+    completions_per_prompt: int = 2
+    base_url: str | None = None      # openai backend
+    api_key_env: str = "OPENAI_API_KEY"   # the key itself never enters the config or the run directory
+    scripted: list[str] = field(default_factory=list)   # scripted backend: fixed completions
+    num_gpus: float = 0.0
+    max_restarts: int = 3
+
+
+@dataclass
+class SearchConfig:
+    islands: int = 2
+    population_size: int = 12         # per island
+    elites: int = 2                   # per island, never dropped, they migrate
+    migration_interval: int = 10      # evaluations between migrations
+    seeds: bool = True                # start from expert seeds; False: from scratch
+    operators: dict[str, float] = field(default_factory=lambda: {
+        "llm_init": 0.15, "llm_mutate": 0.3, "llm_crossover": 0.1, "gcot": 0.15,
+        "symbolic_mutate": 0.2, "symbolic_crossover": 0.1})
+    max_evaluations: int = 40
+    max_seconds: float | None = 1800.0
+    patience: int | None = None       # stop after this many evaluations without improvement
+    eval_time_limit: float = 300.0    # seconds per candidate; a hung evaluation is killed
+    queue_size: int = 8               # bounded queue between policy and evaluators
+    cascade: float = 1.5              # perplexity only when proxy <= cascade × best proxy so far
+    checkpoint_every: int = 5         # evaluations
+    seed: int = 0
+
+
+@dataclass
+class EvaluatorConfig:
+    num: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    max_restarts: int = 3
+    fault_injection: dict[str, str] = field(default_factory=dict)   # testing aid: see engine/evaluator.py
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None        # None: start a local instance
+    num_cpus: int | None = None
+    include_dashboard: bool = False
+    dashboard_host: str = "127.0.0.1"
+
+
+@dataclass
+class RunConfig:
+    name: str = "local"
+    task: str = "prune"
+    run_dir: str = "runs/{name}"
+    target: TargetConfig = field(default_factory=TargetConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    evaluators: EvaluatorConfig = field(default_factory=EvaluatorConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def validate(self) -> "RunConfig":
+        from autoprune_ray.compress.masks import check_sparsity, parse_pattern
+        from autoprune_ray.operators.language import TASKS
+        _check(self.task in TASKS, "task", f"unknown task {self.task!r}: choose {', '.join(TASKS)}")
+        try:
+            check_sparsity(self.target.sparsity)
+            parse_pattern(self.target.pattern)
+        except ValueError as exc:
+            raise ConfigError(f"target: {exc}") from None
+        _check(self.policy.backend in ("transformers", "vllm", "openai", "scripted"), "policy.backend",
+               f"unknown backend {self.policy.backend!r}: transformers, vllm, openai or scripted")
+        _check(self.policy.backend != "scripted" or self.policy.scripted, "policy.scripted",
+               "the scripted backend needs a list of completions")
+        _check(self.policy.backend != "openai" or self.policy.base_url, "policy.base_url",
+               "the openai backend needs base_url")
+        known = {"llm_init", "llm_mutate", "llm_crossover", "gcot", "symbolic_mutate", "symbolic_crossover"}
+        unknown = set(self.search.operators) - known
+        _check(not unknown, "search.operators", f"unknown operator(s) {sorted(unknown)}: use {sorted(known)}")
+        _check(all(v >= 0 for v in self.search.operators.values()) and sum(self.search.operators.values()) > 0,
+               "search.operators", "rates must be non-negative and not all zero")
+        for key in ("islands", "population_size", "max_evaluations", "queue_size", "checkpoint_every"):
+            _check(getattr(self.search, key) >= 1, f"search.{key}", "must be at least 1")
+        _check(0 <= self.search.elites <= self.search.population_size, "search.elites",
+               "must lie between 0 and population_size")
+        _check(self.search.eval_time_limit > 0, "search.eval_time_limit", "must be positive")
+        _check(self.evaluators.num >= 1, "evaluators.num", "must be at least 1")
+        return self
+
+    @property
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir.format(name=self.name))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def from_dict(cls, data: dict, where: str = ""):
+    """Build dataclass `cls` from a mapping, refusing unknown keys and wrong types by name."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise ConfigError(f"{where or 'config'}: unknown key(s) {sorted(unknown)}; valid keys: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in data.items():
+        key = f"{where}.{name}" if where else name
+        values[name] = _coerce(hints[name], value, key)
+    return cls(**values)
+
+
+def _coerce(hint, value, key):
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value or {}, key)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and type(value) is hint:
+        return value
+    if origin is list and isinstance(value, list):
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict and isinstance(value, dict):
+        return {str(k): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    expected = getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML ({exc})") from None
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return from_dict(RunConfig, data).validate()

@@ -1,0 +1,76 @@
+"""The run directory: resolved config, append-only Parquet tables, checkpoints.
+
+    RUN_DIR/config.yaml            the resolved configuration
+    RUN_DIR/tables/<table>/part-*.parquet   candidates, evaluations, lineage, prompts
+    RUN_DIR/checkpoint.json        counters; the population itself is replayed from the tables
+
+Every file is written to a temporary name and renamed, so a crash mid-write never leaves a
+corrupt table or checkpoint; `pandas.read_parquet(RUN_DIR/tables/candidates)` reads a table.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+TABLES = ("candidates", "evaluations", "lineage", "prompts")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class RunStore:
+    def __init__(self, run_dir: str | Path):
+        self.root = Path(run_dir)
+        self.buffers: dict[str, list[dict]] = {t: [] for t in TABLES}
+        for table in TABLES:
+            (self.root / "tables" / table).mkdir(parents=True, exist_ok=True)
+        self._part = {t: len(list((self.root / "tables" / t).glob("part-*.parquet"))) for t in TABLES}
+
+    # -- config and checkpoint -----------------------------------------------------
+    def write_config(self, config: dict) -> None:
+        atomic_write_bytes(self.root / "config.yaml", yaml.safe_dump(config, sort_keys=False).encode())
+
+    def read_config(self) -> dict:
+        return yaml.safe_load((self.root / "config.yaml").read_text())
+
+    def save_checkpoint(self, state: dict) -> None:
+        self.flush()   # tables first: a checkpoint never refers to rows that are not on disk
+        atomic_write_bytes(self.root / "checkpoint.json", json.dumps(state, indent=1).encode())
+
+    def load_checkpoint(self) -> dict | None:
+        path = self.root / "checkpoint.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    # -- tables ----------------------------------------------------------------------
+    def append(self, table: str, row: dict) -> None:
+        self.buffers[table].append(row)
+
+    def flush(self) -> None:
+        for table, rows in self.buffers.items():
+            if not rows:
+                continue
+            self._part[table] += 1
+            path = self.root / "tables" / table / f"part-{self._part[table]:06d}.parquet"
+            sink = pa.BufferOutputStream()
+            pq.write_table(pa.Table.from_pylist(rows), sink)
+            atomic_write_bytes(path, sink.getvalue().to_pybytes())
+            rows.clear()
+
+    def read(self, table: str) -> pd.DataFrame:
+        parts = sorted((self.root / "tables" / table).glob("part-*.parquet"))
+        frames = [pd.read_parquet(p) for p in parts]
+        frames += [pd.DataFrame(self.buffers[table])] if self.buffers[table] else []
+        frames = [f for f in frames if len(f)]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
