@@ -3,10 +3,22 @@ import importlib.metadata
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def installed_distribution():
+    """The installed metadata, not the `autoprune_ray.egg-info` an in-tree `pip install .` leaves in the checkout
+    (which shadows it whenever the current directory is the repository root)."""
+    for dist in importlib.metadata.distributions(name="autoprune-ray"):
+        if Path(dist.locate_file("")).resolve() != REPO:
+            return dist
+    raise AssertionError("autoprune-ray is not installed")
 
 
 def test_every_module_lives_under_the_autoprune_ray_namespace():
-    files = importlib.metadata.files("autoprune-ray")
+    files = installed_distribution().files
     modules = [f for f in files if f.suffix == ".py" and "__editable__" not in str(f)]
     top = {f.parts[0] for f in modules}
     assert top <= {"autoprune_ray"}, top
