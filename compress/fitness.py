@@ -14,9 +14,9 @@ from autoprune_ray.kernels.expr import Node
 
 from .data import TokenData
 from .eval import perplexity, reconstruction_error
-from .masks import parse_pattern, select_mask
+from .masks import parse_pattern
 from .models import LoadedModel, block_linears, decoder_layers
-from .program import program_score, score_inputs, uses_input
+from .program import program_mask, score_inputs, uses_input
 from .stats import CalibrationStats, calibration_stats
 
 
@@ -47,7 +47,7 @@ class ProgramEvaluator:
             for name in block:
                 env = score_inputs(self.dense[index][name], self.stats.blocks[index][name],
                                    self.stats.blocks[index].grad_rms.get(name), index / max(n - 1, 1))
-                yield index, name, select_mask(program_score(tree, env), sparsity, nm, granularity)
+                yield index, name, program_mask(tree, env, sparsity, nm, granularity)
 
     def _base_error(self, index: int, name: str) -> float:
         """||W X||², the error of pruning everything: the proxy's per-layer normaliser."""

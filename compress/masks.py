@@ -5,6 +5,8 @@ import re
 
 import torch
 
+from autoprune_ray.kernels.select import check_sparsity, nm_mask, prune_count, row_mask  # noqa: F401
+
 
 def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
     """'2:4' -> (2, 4): prune N of every M consecutive input weights. None/'' -> unstructured."""
@@ -19,31 +21,6 @@ def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
     return n, m
 
 
-def check_sparsity(sparsity: float) -> float:
-    if not 0.0 <= float(sparsity) < 1.0:
-        raise ValueError(f"sparsity {sparsity} is outside [0, 1)")
-    return float(sparsity)
-
-
-def prune_count(total: int, sparsity: float) -> int:
-    return int(round(total * sparsity))
-
-
-def row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Prune the `round(in·s)` lowest scores of every output row (Wanda, RIA).
-
-    Equal scores are pruned left to right, exactly as Wanda's `torch.sort(stable=True)` does,
-    but in O(in) per row: the k-th value by selection, then the leftmost ties up to the count."""
-    k = prune_count(score.shape[1], check_sparsity(sparsity))
-    if k == 0:
-        return torch.zeros_like(score, dtype=torch.bool)
-    kth = score.kthvalue(k, dim=1, keepdim=True).values
-    below = score < kth
-    ties = score == kth
-    room = k - below.sum(dim=1, keepdim=True)
-    return below | (ties & (ties.cumsum(dim=1) <= room))
-
-
 def layer_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune the `round(numel·s)` lowest scores of the whole matrix (magnitude pruning)."""
     k = prune_count(score.numel(), check_sparsity(sparsity))
@@ -51,17 +28,6 @@ def layer_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     if k:
         mask[torch.sort(score.flatten(), stable=True)[1][:k]] = True
     return mask.view_as(score)
-
-
-def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Prune the n lowest scores in every group of m consecutive inputs of each row."""
-    rows, cols = score.shape
-    if cols % m:
-        raise ValueError(f"N:M {n}:{m} does not divide the input width {cols}")
-    groups = score.reshape(rows, cols // m, m)
-    idx = torch.sort(groups, dim=2, stable=True)[1][..., :n]
-    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, idx, True)
-    return mask.reshape(rows, cols)
 
 
 def select_mask(score: torch.Tensor, sparsity: float, pattern: tuple[int, int] | None = None,

@@ -5,7 +5,9 @@ import torch
 
 from autoprune_ray.kernels import expr
 from autoprune_ray.kernels.expr import Node
+from autoprune_ray.kernels.fused import prune_mask, reference_score
 
+from .masks import select_mask
 from .stats import InputStats
 
 
@@ -26,11 +28,13 @@ def uses_input(tree: Node, name: str) -> bool:
 
 def program_score(tree: Node, env: dict[str, torch.Tensor]) -> torch.Tensor:
     """Evaluate with the torch reference; a non-finite score is an error, never masked."""
-    missing = {n.value for n in expr.walk(tree) if n.op == "input"} - set(env)
-    if missing:
-        raise ValueError(f"program needs input(s) {sorted(missing)} that were not collected")
-    score = expr.evaluate(tree, env)
-    bad = ~torch.isfinite(score)
-    if bad.any():
-        raise FloatingPointError(f"program score has {int(bad.sum())} NaN/Inf values of {score.numel()}")
-    return score.expand(env["W"].shape) if score.shape != env["W"].shape else score
+    return reference_score(tree, env)
+
+
+def program_mask(tree: Node, env: dict[str, torch.Tensor], sparsity: float, nm: tuple[int, int] | None = None,
+                 granularity: str = "row", backend: str = "auto") -> torch.Tensor:
+    """Row-wise and N:M masks go through the fused kernel on a GPU; a whole-layer threshold
+    (magnitude style) needs a global selection and stays on the torch path."""
+    if nm is None and granularity != "row":
+        return select_mask(program_score(tree, env), sparsity, None, granularity)
+    return prune_mask(tree, env, sparsity, nm, backend=backend)

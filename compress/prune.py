@@ -17,7 +17,7 @@ from .data import TokenData
 from .masks import check_sparsity, parse_pattern, select_mask
 from .models import LoadedModel, block_linears, decoder_layers
 from .scores import SCORES
-from .program import program_score, score_inputs, uses_input
+from .program import program_mask, score_inputs, uses_input
 from .sparsegpt import sparsegpt_prune
 from .stats import BlockContext, BlockStats, calibration_stats
 
@@ -42,6 +42,7 @@ class PruneConfig:
     granularity: str = "row"             # its selection: per output row or whole layer
     allocation_program: Node | None = None  # allocation "program": a per-block tree (SDSA)
     allocation_lambda: float = 0.16      # its range: block sparsities within S ± λ
+    kernel_backend: str = "auto"         # program scores: fused Triton kernel on CUDA, torch otherwise
 
     def validate(self) -> "PruneConfig":
         if self.method not in METHODS:
@@ -139,8 +140,8 @@ class BlockPruner:
         if self.cfg.method == "program":
             grad = self.grad_rms[index][name] if self.grad_rms else None
             env = score_inputs(weight.data, stats[name], grad, index / max(len(self.targets) - 1, 1))
-            score = program_score(self.cfg.program, env)
-            return select_mask(score, sparsity, self.cfg.nm, self.cfg.granularity)
+            return program_mask(self.cfg.program, env, sparsity, self.cfg.nm, self.cfg.granularity,
+                                self.cfg.kernel_backend)
         method = "wanda" if self.cfg.method == "barber" else self.cfg.method
         score = SCORES[method](weight.data, stats[name] if stats is not None else None)
         granularity = "layer" if method == "magnitude" else "row"
