@@ -12,6 +12,7 @@ import json
 import platform
 import re
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -51,11 +52,21 @@ def update_readme(table: str, protocol: dict, command: str) -> None:
 def main(protocol_name, methods, sparsity, patterns, readme):
     proto = preset(protocol_name)
     start = time.time()
-    table = run_baselines("smollm2", proto, methods.split(","), [float(s) for s in sparsity.split(",")],
-                          [p for p in patterns.split(",") if p],
-                          on_row=lambda r: print(f"{r['method']} {r['pattern']} {r['target_sparsity']:.2f}: "
-                                                 f"ppl {r['perplexity']:.3f}", flush=True))
     RESULTS.mkdir(parents=True, exist_ok=True)
+    # Rows are appended as they finish, so an interrupted benchmark resumes where it stopped.
+    partial = RESULTS / f"baselines-{protocol_name}.partial.jsonl"
+    done = {}
+    if partial.exists():
+        done = {r["key"]: r["row"] for r in map(json.loads, partial.read_text().splitlines())
+                if r["protocol"] == asdict(proto)}
+
+    def on_row(run, row):
+        print(f"{run.key}: ppl {row['perplexity']:.3f}", flush=True)
+        with partial.open("a") as f:
+            f.write(json.dumps({"key": run.key, "protocol": asdict(proto), "row": row}) + "\n")
+
+    table = run_baselines("smollm2", proto, methods.split(","), [float(s) for s in sparsity.split(",")],
+                          [p for p in patterns.split(",") if p], on_row=on_row, done=done)
     md = markdown_table(table)
     protocol = table.iloc[0][["calib_data", "eval_data", "nsamples", "seqlen", "seed", "calib_tokens",
                               "eval_tokens"]].to_dict()
@@ -65,6 +76,7 @@ def main(protocol_name, methods, sparsity, patterns, readme):
     (RESULTS / f"baselines-{protocol_name}.json").write_text(json.dumps(payload, indent=2))
     (RESULTS / f"baselines-{protocol_name}.md").write_text(md + "\n")
     print(md)
+    partial.unlink(missing_ok=True)
     if readme:
         update_readme(md, protocol, f"python benchmarks/baselines.py --protocol {protocol_name} --readme")
 

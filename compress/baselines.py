@@ -29,6 +29,10 @@ class BaselineRun:
     sparsity: float | None
     pattern: str | None
 
+    @property
+    def key(self) -> str:
+        return f"{self.label}/{self.pattern or self.sparsity}"
+
     def config(self) -> PruneConfig | None:
         if self.label == "dense":
             return None
@@ -70,17 +74,23 @@ def run_one(model_spec: str, data: TokenData, run: BaselineRun, device=None, dty
 
 
 def run_baselines(model_spec: str, protocol: Protocol, labels: list[str], sparsities: list[float],
-                  patterns: list[str], device=None, dtype=None, on_row=None) -> pd.DataFrame:
+                  patterns: list[str], device=None, dtype=None, on_row=None,
+                  done: dict[str, dict] | None = None) -> pd.DataFrame:
+    """`done` maps BaselineRun.key -> an already measured row (from an interrupted run); those are not redone."""
     runs = plan(labels, sparsities, patterns)
+    done = done or {}
     lm = load_model(model_spec, device=device, dtype=dtype)
     data = load_token_data(lm.tokenizer, protocol.calib_data, protocol.eval_data, protocol.nsamples,
                            protocol.seqlen, protocol.seed, protocol.eval_tokens)
     del lm
     rows = []
     for run in runs:
+        if run.key in done:
+            rows.append(done[run.key])
+            continue
         rows.append(run_one(model_spec, data, run, device, dtype))
         if on_row:
-            on_row(rows[-1])
+            on_row(run, rows[-1])
     return pd.DataFrame(rows)
 
 

@@ -5,8 +5,6 @@ chains or redundant parentheses get the same canonical tree, hence the same hash
 """
 from __future__ import annotations
 
-import torch
-
 from autoprune_ray.kernels import expr
 from autoprune_ray.kernels.expr import Node
 
