@@ -20,7 +20,7 @@ def clear_errors(func):
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except (ValueError, FileNotFoundError, FloatingPointError, OSError) as exc:
+        except (ValueError, FileNotFoundError, FloatingPointError, OSError, KeyError) as exc:
             raise click.ClickException(str(exc)) from exc
     return wrapper
 
@@ -84,8 +84,9 @@ def main():
 @main.command()
 @click.option("--method", default="wanda", show_default=True,
               help="magnitude, wanda, ria, sparsegpt or barber (LLM-Barber).")
-@click.option("--program", "program_file", type=click.Path(dir_okay=False), default=None,
-              help="A candidate pruning metric (Python file, `def score(W, A, ...)`); overrides --method.")
+@click.option("--program", "program_file", default=None,
+              help="A candidate pruning metric (Python file, `def score(W, A, ...)`) or RUN_DIR:best; "
+                   "overrides --method.")
 @click.option("--granularity", default="row", show_default=True, help="For --program: row or layer selection.")
 @click.option("--sparsity", type=float, default=0.5, show_default=True, help="Target share of pruned weights.")
 @click.option("--pattern", default=None, help="N:M semi-structured pattern, e.g. 2:4 or 4:8.")
@@ -169,7 +170,7 @@ def baselines(sparsities, patterns, methods, model, calib_data, eval_data, proto
     pats = [p.strip() for p in patterns.split(",") if p.strip()]
     table = run_baselines(model, proto, labels, parse_sparsities(sparsities), pats, device=device,
                           dtype=torch_dtype(dtype),
-                          on_row=lambda r: click.echo(f"{r['method']} {r['pattern']} {r['target_sparsity']:.2f}: "
+                          on_row=lambda run, r: click.echo(f"{r['method']} {r['pattern']} {r['target_sparsity']:.2f}: "
                                                       f"ppl {r['perplexity']:.3f}", err=True))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     table.to_parquet(out)
@@ -178,7 +179,15 @@ def baselines(sparsities, patterns, methods, model, calib_data, eval_data, proto
 
 
 def load_program(path: str, granularity: str = "row"):
+    """A program file, or RUN_DIR:best for the best program a search found."""
     from autoprune_ray.operators.language import CandidateError, parse
+    if path.endswith(":best") and Path(path[:-5]).is_dir():
+        from autoprune_ray.engine.report import best_row, load_tables
+        _, cands, evals = load_tables(path[:-5])
+        best = best_row(cands, evals)
+        if best is None:
+            raise click.ClickException(f"{path[:-5]} has no evaluated program yet")
+        return parse(best.code, "prune", best.granularity or granularity)
     if not Path(path).exists():
         raise FileNotFoundError(f"program file {path} does not exist")
     try:
@@ -207,6 +216,89 @@ def check(program_file, task):
         raise click.ClickException(f"rejected: {exc}") from None
     click.echo(f"# hash {cand.hash}; inputs {', '.join(cand.inputs)}")
     click.echo(cand.code, nl=False)
+
+
+@main.command()
+@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.option("--resume", is_flag=True, help="Continue a stopped run in the same run directory.")
+@click.option("--set", "overrides", multiple=True, help="Override a config key: --set search.max_evaluations=10.")
+@click.option("--no-progress", is_flag=True, help="No live progress display (logs only).")
+@clear_errors
+def run(config_file, resume, overrides, no_progress):
+    """Run a search locally (a single-node Ray instance), or on the cluster named by ray.address.
+
+    \b
+    Examples:
+      autoprune-ray run configs/local.yaml
+      autoprune-ray run configs/local.yaml --set search.max_evaluations=8 --set name=quick
+      autoprune-ray run configs/local.yaml --resume
+    """
+    from autoprune_ray.engine.config import load_config
+    from autoprune_ray.engine.controller import RunExists
+    from autoprune_ray.engine.runner import run_search
+
+    cfg = load_config(config_file, _parse_overrides(overrides))
+    try:
+        summary = run_search(cfg, resume=resume, progress=not no_progress)
+    except RunExists as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps({k: v for k, v in summary.items() if k != "best_code"}, indent=2, default=str))
+    if summary.get("best_code"):
+        click.echo(summary["best_code"])
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@clear_errors
+def status(run_dir):
+    """Counts, outcomes and the best program of a run directory.
+
+    \b
+    Examples:
+      autoprune-ray status runs/local
+    """
+    from autoprune_ray.engine.report import status as run_status
+    click.echo(json.dumps(run_status(run_dir), indent=2, default=str))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--protocol", "protocol_name", default="cpu", show_default=True,
+              type=click.Choice(sorted(protocols.PRESETS) + ["none"]),
+              help="Size preset for the side-by-side table; 'none' skips it.")
+@click.option("--full-split/--capped", default=True, show_default=True,
+              help="Evaluate on the whole held-out split (the full protocol) or the preset's cap.")
+@click.option("--baselines", default="wanda,magnitude", show_default=True)
+@clear_errors
+def report(run_dir, protocol_name, full_split, baselines):
+    """Markdown report with plots; the best program re-measured beside the baselines.
+
+    \b
+    Examples:
+      autoprune-ray report runs/local
+      autoprune-ray report runs/local --protocol paper --baselines wanda,sparsegpt,magnitude
+    """
+    from autoprune_ray.engine.report import write_report
+    proto = None
+    if protocol_name != "none":
+        proto = protocols.preset(protocol_name)
+        if full_split:
+            from dataclasses import replace
+            proto = replace(proto, eval_tokens=None)
+    path = write_report(run_dir, proto, [b for b in baselines.split(",") if b])
+    click.echo(path.read_text())
+    click.echo(f"written to {path}")
+
+
+def _parse_overrides(items) -> dict:
+    import yaml
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise click.BadParameter(f"--set {item!r}: write key=value")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 def _print_table(rows: list[dict], title: str = "") -> None:

@@ -119,6 +119,21 @@ class Population:
             best = max(best, len(features & other.features) / len(features | other.features))
         return 1.0 - best
 
+    def record_failure(self) -> None:
+        """A failed or timed-out evaluation still counts towards the budget and patience."""
+        self.evaluations += 1
+        self.since_improvement += 1
+
+    def has_members(self) -> bool:
+        return any(self.islands)
+
+    def snapshot(self) -> dict:
+        best = self.best
+        return {"best_id": best.candidate_id if best else None, "best_fitness": best.fitness if best else None,
+                "best_perplexity": best.perplexity if best else None, "best_code": best.code if best else None,
+                "best_proxy": self.best_proxy, "since_improvement": self.since_improvement,
+                "evaluations": self.evaluations}
+
     def next_island(self) -> int:
         return self.rng.randrange(self.n_islands)
 

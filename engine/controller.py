@@ -1,0 +1,301 @@
+"""The asynchronous search loop.
+
+Named Ray actors: `policy` (writes candidates), `population` (islands, elites, dedup and
+evaluation cache) and `evaluator-<i>` (score candidates on the target model). The driver keeps
+the policy generating while evaluators evaluate, through one bounded queue, with no
+per-generation barrier. Every proposed candidate ends in exactly one recorded outcome:
+
+    candidates.status   rejected (with reason) | duplicate (of an earlier id) | accepted
+    evaluations.status  ok | screened (proxy only) | failed (with reason) | timeout
+
+An accepted candidate without an evaluation row is pending: the run stopped first, and a resumed
+run evaluates it.
+
+A hung evaluation is killed at its time limit and the evaluator restarted; a candidate whose
+evaluator died is re-queued and recorded once; a killed driver resumes from the tables.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from autoprune_ray.engine.config import RunConfig
+from autoprune_ray.engine.database import Individual, Population, fitness_from_perplexity, subtree_features
+from autoprune_ray.engine.metrics import EngineMetrics
+from autoprune_ray.engine.storage import RunStore
+from autoprune_ray.operators import prompts as P
+from autoprune_ray.operators import symbolic
+from autoprune_ray.operators.language import Candidate, CandidateError, parse
+from autoprune_ray.operators.seeds import score_seeds
+
+log = logging.getLogger("autoprune_ray.engine")
+LLM_OPERATORS = ("llm_init", "llm_mutate", "llm_crossover", "gcot")
+OUTCOMES_EVALUATED = ("ok", "screened", "failed", "timeout")
+
+
+@dataclass
+class Inflight:
+    kind: str                  # "eval", "generate" or "ping"
+    worker: int | None
+    started: float
+    payload: dict = field(default_factory=dict)
+
+
+class RunExists(RuntimeError):
+    pass
+
+
+class Search:
+    def __init__(self, cfg: RunConfig, resume: bool = False, progress: bool = True, population=None):
+        self.cfg, self.progress = cfg, progress
+        self.run_dir = cfg.resolved_run_dir
+        if (self.run_dir / "config.yaml").exists() and not resume:
+            raise RunExists(f"{self.run_dir} already holds a run: pass --resume to continue it, or another name")
+        self.store = RunStore(self.run_dir)
+        self.store.write_config(cfg.to_dict())
+        self.rng = random.Random(cfg.search.seed)
+        self.metrics = EngineMetrics(cfg.name)
+        self.queue: deque[dict] = deque()
+        self.lineage: dict[int, dict] = {}     # id -> code, fitness, parents, operator (for prompts)
+        self.rejections: deque[tuple[str, str]] = deque(maxlen=24)
+        self.next_id, self.evaluated, self.dispatched, self.prompt_counter = 0, 0, 0, 0
+        self.stats = {"proposed": 0, "valid": 0, "tokens": 0, "busy_seconds": 0.0, "overhead_seconds": 0.0}
+        self.t0 = time.time()
+        # a local Population, or a synchronous handle to the `population` actor (same methods)
+        self.population = population or Population(cfg.search.islands, cfg.search.population_size,
+                                                   cfg.search.elites, cfg.search.migration_interval, cfg.search.seed)
+        self.resumed = self._replay() if resume else False
+
+    # ------------------------------------------------------------------ records
+    def _new_candidate(self, *, code: str, source: str, status: str, operator: str, island: int,
+                       parents: list[int], reason: str = "", hash_: str = "", prompt_id: int | None = None,
+                       adapter: str | None = None, duplicate_of: int | None = None, granularity: str = "row"
+                       ) -> int:
+        cid = self.next_id
+        self.next_id += 1
+        self.store.append("candidates", {
+            "candidate_id": cid, "hash": hash_, "status": status, "reason": reason, "code": code,
+            "source": source[:4000], "operator": operator, "island": island, "parents": parents,
+            "prompt_id": prompt_id, "adapter": adapter, "duplicate_of": duplicate_of, "granularity": granularity,
+            "created": time.time() - self.t0})
+        for p in parents:
+            self.store.append("lineage", {"child_id": cid, "parent_id": p, "operator": operator})
+        self.stats["proposed"] += 1
+        self.metrics.inc("proposed")
+        if status == "rejected":
+            self.rejections.append((source.strip()[:200], reason))
+        return cid
+
+    def propose(self, cand: Candidate | None, *, source: str, operator: str, island: int, parents: list[int],
+                reason: str = "", prompt_id: int | None = None, adapter: str | None = None) -> None:
+        """Record one proposal and queue it for evaluation when it is new and valid."""
+        if cand is None:
+            self._new_candidate(code="", source=source, status="rejected", reason=reason, operator=operator,
+                                island=island, parents=parents, prompt_id=prompt_id, adapter=adapter)
+            return
+        self.stats["valid"] += 1
+        self.metrics.inc("valid")
+        earlier = self.population.claim(cand.hash, self.next_id)
+        status = "duplicate" if earlier is not None else "accepted"
+        cid = self._new_candidate(code=cand.code, source=source, status=status, operator=operator, island=island,
+                                  parents=parents, hash_=cand.hash, prompt_id=prompt_id, adapter=adapter,
+                                  duplicate_of=earlier, granularity=cand.granularity)
+        self.lineage[cid] = {"code": cand.code, "fitness": None, "parents": parents, "operator": operator}
+        if status == "accepted":
+            self.queue.append({"candidate_id": cid, "hash": cand.hash, "code": cand.code, "island": island,
+                               "granularity": cand.granularity, "operator": operator, "parents": parents,
+                               "attempts": 0})
+
+    def record_evaluation(self, job: dict, result: dict) -> None:
+        status = result["status"]
+        row = {"candidate_id": job["candidate_id"], "hash": job["hash"], "status": status,
+               "proxy": result.get("proxy"), "perplexity": result.get("perplexity"),
+               "fitness": fitness_from_perplexity(result.get("perplexity")) if status == "ok" else None,
+               "sparsity": result.get("sparsity"), "seconds": result.get("seconds"), "worker": result.get("worker"),
+               "reason": result.get("reason", ""), "attempts": job.get("attempts", 0),
+               "finished": time.time() - self.t0}
+        self.store.append("evaluations", row)
+        self.evaluated += 1
+        self.metrics.inc("evaluated")
+        if status in ("failed", "timeout"):
+            self.metrics.inc("failed")
+            self.rejections.append((job["code"][:200], row["reason"]))
+        if result.get("seconds"):
+            self.metrics.observe_latency(result["seconds"])
+        self._admit(job, row)
+
+    def _admit(self, job: dict, row: dict) -> None:
+        """Replayable: the population is a function of the evaluation rows, in order."""
+        if row["status"] not in ("ok", "screened"):
+            self.population.record_failure()
+            return
+        try:
+            features = subtree_features(parse(job["code"], self.cfg.task, job.get("granularity", "row")).tree)
+        except CandidateError:
+            features = frozenset()
+        ind = Individual(job["candidate_id"], job["hash"], job["code"], row["fitness"], row["proxy"],
+                         row["perplexity"], job["island"], job.get("operator", ""), list(job.get("parents", [])),
+                         features)
+        self.population.add(ind)
+        if job["candidate_id"] in self.lineage:
+            self.lineage[job["candidate_id"]]["fitness"] = row["fitness"]
+        snap = self.population.snapshot()
+        self.metrics.set("best_fitness", snap["best_fitness"])
+        self.metrics.set("best_perplexity", snap["best_perplexity"])
+
+    def _replay(self) -> bool:
+        """Resume: rebuild ids, dedup, population and the queue from the recorded tables."""
+        cands, evals = self.store.read("candidates"), self.store.read("evaluations")
+        if cands.empty:
+            return False
+        self.next_id = int(cands.candidate_id.max()) + 1
+        by_id = {int(r.candidate_id): r for r in cands.itertuples()}
+        for r in cands.itertuples():
+            if r.status in ("accepted", "duplicate") and r.hash:
+                self.population.claim(r.hash, int(r.candidate_id))
+            if r.status != "rejected":
+                self.lineage[int(r.candidate_id)] = {"code": r.code, "fitness": None, "parents": list(r.parents),
+                                                     "operator": r.operator}
+        done = set()
+        for e in evals.itertuples() if not evals.empty else []:
+            c = by_id[int(e.candidate_id)]
+            job = {"candidate_id": int(c.candidate_id), "hash": c.hash, "code": c.code, "island": int(c.island),
+                   "operator": c.operator, "parents": list(c.parents), "granularity": c.granularity}
+            row = {"status": e.status, "proxy": _num(e.proxy), "perplexity": _num(e.perplexity),
+                   "fitness": _num(e.fitness)}
+            self._admit(job, row)
+            done.add(int(e.candidate_id))
+            if e.status in OUTCOMES_EVALUATED:
+                self.evaluated += 1
+        for r in cands.itertuples():
+            if r.status == "accepted" and int(r.candidate_id) not in done:
+                self.queue.append({"candidate_id": int(r.candidate_id), "hash": r.hash, "code": r.code,
+                                   "island": int(r.island), "granularity": r.granularity, "operator": r.operator,
+                                   "parents": list(r.parents), "attempts": 0})
+        self.dispatched = self.evaluated
+        log.info("resumed %s: %d candidates, %d evaluations, %d re-queued", self.run_dir, len(cands),
+                 self.evaluated, len(self.queue))
+        return True
+
+    # ------------------------------------------------------------------ proposals
+    def seed_population(self) -> None:
+        if self.cfg.search.seeds and self.cfg.task == "prune":
+            for name, cand in score_seeds().items():
+                if name == "weight-gradient":
+                    continue   # needs LM-loss gradients, which the default evaluator does not collect
+                self.propose(cand, source=cand.code, operator="seed", island=self.population.next_island(),
+                             parents=[])
+
+    def choose_operator(self) -> str:
+        ops = self.cfg.search.operators
+        names = [k for k, v in ops.items() if v > 0]
+        op = self.rng.choices(names, weights=[ops[k] for k in names])[0]
+        if op != "llm_init" and not self.population.has_members():
+            return "llm_init" if op in LLM_OPERATORS else "symbolic_init"
+        return op
+
+    def symbolic_child(self, op: str) -> None:
+        island = self.population.next_island()
+        if op == "symbolic_init":
+            tree = symbolic.random_tree(self.rng, self.cfg.task, depth=3)
+            child = symbolic._finish(tree, self.cfg.task, ())
+            parents = []
+        elif op == "symbolic_mutate":
+            parent = self.population.sample_parents(island, 1)[0]
+            pc = parse(parent.code, self.cfg.task)
+            child = symbolic.MUTATIONS[self.rng.choice(sorted(symbolic.MUTATIONS))](pc, self.rng)
+            parents = [parent.candidate_id]
+        else:
+            a, b = self.population.sample_parents(island, 2)
+            child = symbolic.crossover(parse(a.code, self.cfg.task), parse(b.code, self.cfg.task), self.rng)
+            parents = [a.candidate_id, b.candidate_id]
+        if child is not None:
+            self.propose(child, source=child.code, operator=op, island=island, parents=parents)
+
+    def build_prompt(self, op: str) -> tuple[str, int, list[int]]:
+        island = self.population.next_island()
+        feedback = P.feedback_lines(list(self.rejections))
+        if op == "llm_init":
+            examples = [(i.code, i.fitness) for i in self.population.elites(island)[:3]]
+            return P.init_prompt(examples, feedback), island, []
+        if op == "llm_crossover":
+            a, b = self.population.sample_parents(island, 2)
+            return P.crossover_prompt(a.code, a.fitness, b.code, b.fitness, feedback), island, [a.candidate_id,
+                                                                                                b.candidate_id]
+        parent = self.population.sample_parents(island, 1)[0]
+        if op == "gcot":
+            return P.gcot_prompt(self.lineage_graph(parent.candidate_id)), island, [parent.candidate_id]
+        return P.mutate_prompt(parent.code, parent.fitness, feedback), island, [parent.candidate_id]
+
+    def lineage_graph(self, root: int, limit: int = 8) -> "P.LineageGraph":
+        """The parent's ancestors and their other children, with fitness, for graph-driven CoT."""
+        ids, frontier = {root}, [root]
+        while frontier and len(ids) < limit:
+            node = frontier.pop()
+            for p in self.lineage.get(node, {}).get("parents", []):
+                if p in self.lineage and p not in ids:
+                    ids.add(p)
+                    frontier.append(p)
+        for cid, info in list(self.lineage.items())[-200:]:
+            if len(ids) >= limit:
+                break
+            if set(info["parents"]) & ids:
+                ids.add(cid)
+        nodes = [P.LineageNode(i, self.lineage[i]["code"], self.lineage[i]["fitness"]) for i in sorted(ids)]
+        edges = [P.LineageEdge(p, c, self.lineage[c]["operator"]) for c in sorted(ids)
+                 for p in self.lineage[c]["parents"] if p in ids]
+        return P.LineageGraph(nodes=nodes, edges=edges, rejections=P.feedback_lines(list(self.rejections))[:5])
+
+    def handle_completions(self, meta: dict, completions: list[dict]) -> None:
+        for comp in completions:
+            idx = comp["prompt_index"]
+            prompt_id = meta["prompt_ids"][idx]
+            self.store.append("prompts", {"prompt_id": prompt_id, "operator": meta["ops"][idx],
+                                          "island": meta["islands"][idx], "prompt": meta["prompts"][idx],
+                                          "completion": comp["text"], "tokens": comp.get("tokens"),
+                                          "seconds": comp.get("seconds"), "adapter": comp.get("adapter")})
+            self.stats["tokens"] += comp.get("tokens") or 0
+            try:
+                cand, reason = parse(comp["text"], self.cfg.task), ""
+            except CandidateError as exc:
+                cand, reason = None, str(exc)
+            self.propose(cand, source=comp["text"], operator=meta["ops"][idx], island=meta["islands"][idx],
+                         parents=meta["parents"][idx], reason=reason, prompt_id=prompt_id,
+                         adapter=comp.get("adapter"))
+
+    def next_prompt_id(self) -> int:
+        self.prompt_counter += 1
+        return self.prompt_counter
+
+    # ------------------------------------------------------------------ stopping
+    def stop_reason(self) -> str | None:
+        s = self.cfg.search
+        if self.evaluated >= s.max_evaluations:
+            return f"reached {s.max_evaluations} evaluations"
+        if s.max_seconds is not None and time.time() - self.t0 >= s.max_seconds:
+            return f"reached {s.max_seconds:.0f} s"
+        if s.patience is not None and self.population.snapshot()["since_improvement"] >= s.patience:
+            return f"no improvement for {s.patience} evaluations"
+        return None
+
+    def proxy_cutoff(self) -> float | None:
+        best = self.population.snapshot()["best_proxy"]
+        return None if best is None else best * self.cfg.search.cascade
+
+    def summary(self) -> dict:
+        snap = self.population.snapshot()
+        elapsed = time.time() - self.t0
+        return {"run_dir": str(self.run_dir), "evaluated": self.evaluated, "proposed": self.stats["proposed"],
+                "valid_rate": self.stats["valid"] / max(self.stats["proposed"], 1),
+                "pending": len(self.queue), "best_id": snap["best_id"], "best_perplexity": snap["best_perplexity"], "best_code": snap["best_code"],
+                "seconds": elapsed, "tokens_per_second": self.stats["tokens"] / max(elapsed, 1e-9),
+                "evaluator_utilization": self.stats["busy_seconds"] / max(elapsed * self.cfg.evaluators.num, 1e-9),
+                "overhead_per_candidate": self.stats["overhead_seconds"] / max(self.stats["proposed"], 1)}
+
+
+def _num(x):
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)

@@ -1,0 +1,34 @@
+"""Engine metrics through `ray.util.metrics` (exported by Ray as `ray_autoprune_*`; Counters gain
+`_total`). They need `ray[default]`; without it every call is a no-op."""
+from __future__ import annotations
+
+
+class EngineMetrics:
+    def __init__(self, run_id: str):
+        self.tags = {"run_id": run_id}
+        try:
+            from ray.util.metrics import Counter, Gauge, Histogram
+        except ImportError:  # pragma: no cover - ray without its metrics extra
+            self._ok = False
+            return
+        self._ok = True
+        keys = ("run_id",)
+        self.counters = {name: Counter(f"autoprune_candidates_{name}", description=f"candidates {name}",
+                                       tag_keys=keys)
+                         for name in ("proposed", "valid", "evaluated", "failed")}
+        self.gauges = {name: Gauge(f"autoprune_{name}", description=name.replace("_", " "), tag_keys=keys)
+                       for name in ("best_fitness", "best_perplexity", "eval_queue_depth", "evaluators_busy")}
+        self.latency = Histogram("autoprune_eval_latency_seconds", description="seconds per evaluation",
+                                 boundaries=[1, 5, 15, 30, 60, 120, 300, 600], tag_keys=keys)
+
+    def inc(self, name: str, value: float = 1.0) -> None:
+        if self._ok:
+            self.counters[name].inc(value, tags=self.tags)
+
+    def set(self, name: str, value: float | None) -> None:
+        if self._ok and value is not None:
+            self.gauges[name].set(value, tags=self.tags)
+
+    def observe_latency(self, seconds: float) -> None:
+        if self._ok:
+            self.latency.observe(seconds, tags=self.tags)

@@ -1,0 +1,35 @@
+"""The policy actor: a thin host around one `llm.backends` backend."""
+from __future__ import annotations
+
+import dataclasses
+
+from autoprune_ray.engine.config import PolicyConfig
+
+
+def backend_options(cfg: PolicyConfig) -> dict:
+    if cfg.backend == "scripted":
+        return {"completions": list(cfg.scripted)}
+    if cfg.backend == "openai":
+        return {"base_url": cfg.base_url, "model": cfg.model, "api_key_env": cfg.api_key_env}
+    return {"model": cfg.model}
+
+
+class PolicyWorker:
+    def __init__(self, cfg: PolicyConfig):
+        from autoprune_ray.llm.backends import make_backend
+        self.cfg = cfg
+        self.backend = make_backend(cfg.backend, **backend_options(cfg))
+
+    def generate(self, prompts: list[str], seed: int | None = None) -> list[dict]:
+        completions = self.backend.generate(prompts, n=self.cfg.completions_per_prompt,
+                                            temperature=self.cfg.temperature,
+                                            max_new_tokens=self.cfg.max_new_tokens, seed=seed)
+        return [dataclasses.asdict(c) for c in completions]
+
+    def load_adapter(self, path: str, version: str) -> str:
+        self.backend.load_adapter(path, version)
+        return version
+
+    def ping(self) -> dict:
+        return {"backend": self.cfg.backend, "adapter": self.backend.adapter_version,
+                "tokens": self.backend.tokens_generated}

@@ -1,0 +1,183 @@
+"""Status and report of a run directory: Markdown, PNG plots, and the best program measured
+against the baselines under the full protocol."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from autoprune_ray.engine.storage import RunStore
+
+
+def load_tables(run_dir: str | Path) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+    store = RunStore(run_dir)
+    if not (Path(run_dir) / "config.yaml").exists():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
+    return store.read_config(), store.read("candidates"), store.read("evaluations")
+
+
+def status(run_dir: str | Path) -> dict:
+    config, cands, evals = load_tables(run_dir)
+    out = {"run": config["name"], "candidates": len(cands),
+           "candidate_status": cands.status.value_counts().to_dict() if len(cands) else {},
+           "evaluation_status": evals.status.value_counts().to_dict() if len(evals) else {},
+           "valid_rate": float((cands.status != "rejected").mean()) if len(cands) else 0.0,
+           "best": None}
+    best = best_row(cands, evals)
+    if best is not None:
+        out["best"] = {"candidate_id": int(best.candidate_id), "perplexity": float(best.perplexity),
+                       "code": best.code}
+    return out
+
+
+def best_row(cands: pd.DataFrame, evals: pd.DataFrame):
+    if evals.empty or "perplexity" not in evals or evals.perplexity.dropna().empty:
+        return None
+    ok = evals[evals.status == "ok"].dropna(subset=["perplexity"])
+    if ok.empty:
+        return None
+    row = ok.loc[ok.perplexity.idxmin()]
+    return cands.set_index("candidate_id").loc[int(row.candidate_id)].to_frame().T.assign(
+        candidate_id=int(row.candidate_id), perplexity=row.perplexity).iloc[0]
+
+
+def lineage_of(cands: pd.DataFrame, evals: pd.DataFrame, candidate_id: int) -> list[dict]:
+    """The chain of first parents from the root to `candidate_id`."""
+    by_id = cands.set_index("candidate_id")
+    ppl = evals.set_index("candidate_id").perplexity.to_dict() if len(evals) else {}
+    chain, node = [], candidate_id
+    while node is not None and node in by_id.index and len(chain) < 50:
+        row = by_id.loc[node]
+        chain.append({"candidate_id": int(node), "operator": row.operator, "perplexity": ppl.get(node),
+                      "code": row.code})
+        parents = list(row.parents) if row.parents is not None else []
+        node = int(parents[0]) if parents else None
+    return chain[::-1]
+
+
+def plots(cands: pd.DataFrame, evals: pd.DataFrame, chain: list[dict], out: Path) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    ok = evals[evals.status == "ok"].reset_index(drop=True)
+    if len(ok):
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        order = evals.reset_index(drop=True)
+        best = order.perplexity.where(order.status == "ok").cummin()
+        ax.plot(range(1, len(order) + 1), best, drawstyle="steps-post")
+        ax.set_xlabel("evaluations")
+        ax.set_ylabel("best held-out perplexity")
+        ax.set_yscale("log")
+        fig.tight_layout()
+        fig.savefig(out / "best_fitness.png", dpi=120)
+        plt.close(fig)
+        files.append("best_fitness.png")
+    if len(cands):
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        valid = (cands.status != "rejected").astype(float)
+        window = max(1, len(valid) // 10)
+        ax.plot(range(1, len(valid) + 1), valid.rolling(window, min_periods=1).mean())
+        ax.set_xlabel("candidates proposed")
+        ax.set_ylabel(f"valid rate (rolling {window})")
+        ax.set_ylim(0, 1.05)
+        fig.tight_layout()
+        fig.savefig(out / "valid_rate.png", dpi=120)
+        plt.close(fig)
+        files.append("valid_rate.png")
+    if chain:
+        fig, ax = plt.subplots(figsize=(7, 1.2 + 0.9 * len(chain)))
+        for i, node in enumerate(chain):
+            ppl = f"{node['perplexity']:.2f}" if node["perplexity"] and not math.isnan(node["perplexity"]) else "–"
+            ax.text(0.02, len(chain) - i, f"#{node['candidate_id']} [{node['operator']}] ppl {ppl}\n"
+                    f"{node['code'].splitlines()[-1].strip()[:90]}", fontsize=8, va="center", family="monospace")
+            if i:
+                ax.annotate("", xy=(0.01, len(chain) - i + 0.25), xytext=(0.01, len(chain) - i + 0.75),
+                            arrowprops={"arrowstyle": "->"})
+        ax.set_ylim(0.3, len(chain) + 0.7)
+        ax.axis("off")
+        fig.tight_layout()
+        fig.savefig(out / "lineage.png", dpi=120)
+        plt.close(fig)
+        files.append("lineage.png")
+    return files
+
+
+def compare_with_baselines(config: dict, code: str, granularity: str, protocol, baselines: list[str]) -> pd.DataFrame:
+    """Re-measure the best program and the baselines under one protocol (sequential statistics)."""
+    from autoprune_ray.compress.data import load_token_data
+    from autoprune_ray.compress.eval import perplexity
+    from autoprune_ray.compress.models import load_model
+    from autoprune_ray.compress.prune import PruneConfig, prune_model
+    from autoprune_ray.operators.language import parse
+
+    target = config["target"]
+    tree = parse(code, config["task"], granularity).tree
+    runs = [("best program", PruneConfig(method="program", program=tree, granularity=granularity,
+                                          sparsity=target["sparsity"], pattern=target["pattern"]))]
+    runs += [(name, PruneConfig(method=name, sparsity=target["sparsity"], pattern=target["pattern"]))
+             for name in baselines]
+    rows = []
+    for label, cfg in [("dense", None)] + runs:
+        lm = load_model(target["model"], device=target.get("device"))
+        data = load_token_data(lm.tokenizer, protocol.calib_data, protocol.eval_data, protocol.nsamples,
+                               protocol.seqlen, protocol.seed, protocol.eval_tokens)
+        result = prune_model(lm, data, cfg) if cfg else None
+        rows.append({"method": label, "sparsity": result.sparsity if result else 0.0,
+                     "perplexity": perplexity(lm, data.evaluation, data.seqlen), **data.describe()})
+    return pd.DataFrame(rows)
+
+
+def write_report(run_dir: str | Path, protocol=None, baselines: list[str] | None = None) -> Path:
+    run_dir = Path(run_dir)
+    config, cands, evals = load_tables(run_dir)
+    out = run_dir / "report"
+    out.mkdir(exist_ok=True)
+    st = status(run_dir)
+    best = best_row(cands, evals)
+    chain = lineage_of(cands, evals, int(best.candidate_id)) if best is not None else []
+    images = plots(cands, evals, chain, out)
+    lines = [f"# Run `{config['name']}`", "",
+             f"{st['candidates']} candidates proposed, valid rate {st['valid_rate']:.0%}; "
+             f"candidates by status {st['candidate_status']}; evaluations by status {st['evaluation_status']}.", ""]
+    lines += [f"![{name}]({name})" for name in images] + [""]
+    if best is None:
+        lines.append("No candidate reached a perplexity measurement.")
+    else:
+        lines += [f"## Best program (#{int(best.candidate_id)}, search-time perplexity {best.perplexity:.3f})", "",
+                  "```python", best.code.rstrip(), "```", "", "## Its lineage", ""]
+        lines += [f"{i + 1}. #{n['candidate_id']} ({n['operator']}), perplexity "
+                  f"{n['perplexity'] if n['perplexity'] is None else round(n['perplexity'], 3)}"
+                  for i, n in enumerate(chain)]
+        if protocol is not None:
+            table = compare_with_baselines(config, best.code, best.granularity or "row", protocol,
+                                           baselines or ["wanda", "magnitude"])
+            table.to_parquet(out / "comparison.parquet")
+            lines += ["", "## Under the full protocol", "", _markdown(table[["method", "sparsity", "perplexity"]]), "",
+                      _verdict(table), "",
+                      f"Protocol: {table.iloc[0].nsamples}×{table.iloc[0].seqlen} calibration tokens of "
+                      f"{table.iloc[0].calib_data}, sequential statistics, {table.iloc[0].eval_tokens} held-out "
+                      f"tokens of {table.iloc[0].eval_data}."]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return out / "report.md"
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    head = "| " + " | ".join(df.columns) + " |"
+    rows = ["| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r) + " |"
+            for r in df.itertuples(index=False)]
+    return "\n".join([head, "|---" * len(df.columns) + "|", *rows])
+
+
+def _verdict(table: pd.DataFrame) -> str:
+    ours = table[table.method == "best program"].perplexity.iloc[0]
+    others = table[~table.method.isin(["best program", "dense"])]
+    if others.empty:
+        return ""
+    champion = others.loc[others.perplexity.idxmin()]
+    if ours < champion.perplexity:
+        return f"The discovered program beats the best baseline ({champion.method}, {champion.perplexity:.3f}) by " \
+               f"{(1 - ours / champion.perplexity):.1%}."
+    return f"The discovered program does not beat {champion.method} ({ours:.3f} vs {champion.perplexity:.3f})."

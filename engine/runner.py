@@ -1,0 +1,247 @@
+"""Drive a `Search` with Ray actors: one policy, one population manager, N evaluators."""
+from __future__ import annotations
+
+import logging
+import time
+
+import ray
+
+from autoprune_ray.engine.config import RunConfig
+from autoprune_ray.engine.controller import LLM_OPERATORS, Inflight, Search
+from autoprune_ray.engine.database import Population
+from autoprune_ray.engine.evaluator import EvaluatorWorker
+from autoprune_ray.engine.policy import PolicyWorker
+
+log = logging.getLogger("autoprune_ray.engine")
+MAX_ATTEMPTS = 3          # a candidate whose evaluator died this often is recorded as failed
+
+
+def ensure_ray(cfg: RunConfig) -> None:
+    if ray.is_initialized():
+        return
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, log_to_driver=True)
+    else:
+        # Local runs bind the dashboard to localhost; Ray's token authentication stays as Ray sets it.
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard,
+                 dashboard_host=cfg.ray.dashboard_host)
+
+
+class ActorPool:
+    """Named actors and their in-flight calls."""
+
+    def __init__(self, cfg: RunConfig):
+        ev, pol = cfg.evaluators, cfg.policy
+        name = cfg.name
+        Evaluator = ray.remote(EvaluatorWorker)
+        self.evaluators = [Evaluator.options(
+            name=f"{name}:evaluator-{i}", num_cpus=ev.num_cpus, num_gpus=ev.num_gpus, max_restarts=ev.max_restarts,
+            max_task_retries=0).remote(cfg.target, cfg.task, ev.fault_injection, i) for i in range(ev.num)]
+        self.policy = ray.remote(PolicyWorker).options(
+            name=f"{name}:policy", num_cpus=0, num_gpus=pol.num_gpus, max_restarts=pol.max_restarts,
+            max_task_retries=0).remote(pol)
+        s = cfg.search
+        self.population = ray.remote(Population).options(name=f"{name}:population", num_cpus=0).remote(
+            s.islands, s.population_size, s.elites, s.migration_interval, s.seed)
+        self.inflight: dict[ray.ObjectRef, Inflight] = {}
+        self.idle = set()
+        self.restarts = 0
+        for i, actor in enumerate(self.evaluators):
+            self.inflight[actor.ping.remote()] = Inflight("ping", i, time.time())
+
+    def kill(self) -> None:
+        for actor in [*self.evaluators, self.policy, self.population]:
+            ray.kill(actor)
+
+
+class SyncActor:
+    """Call an actor's methods as if local: `handle.add(x)` is `ray.get(actor.add.remote(x))`."""
+
+    def __init__(self, actor):
+        self._actor = actor
+
+    def __getattr__(self, name):
+        method = getattr(self._actor, name)
+        return lambda *args, **kwargs: ray.get(method.remote(*args, **kwargs))
+
+
+def run_search(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict:
+    ensure_ray(cfg)
+    pool = ActorPool(cfg)
+    try:
+        search = Search(cfg, resume=resume, progress=progress, population=SyncActor(pool.population))
+    except BaseException:
+        pool.kill()   # e.g. RunExists: named actors must not outlive a run that never started
+        raise
+    if not search.resumed:
+        search.seed_population()
+    try:
+        reason = _loop(search, pool)
+        _drain_and_close(search, pool)
+        summary = search.summary() | {"stop_reason": reason, "evaluator_restarts": pool.restarts}
+        search.store.save_checkpoint({"summary": summary, "next_id": search.next_id})
+    finally:
+        search.store.flush()   # whatever happened, every recorded outcome reaches the tables
+        pool.kill()
+    return summary
+
+
+def _loop(search: Search, pool: ActorPool) -> str:
+    cfg = search.cfg
+    progress = _Progress(search) if search.progress else None
+    generating = False
+    since_checkpoint = 0
+    while True:
+        reason = search.stop_reason()
+        if reason:
+            return reason
+        loop_start = time.perf_counter()
+        if not generating and len(search.queue) < cfg.search.queue_size:
+            generating = _request_generation(search, pool)
+        _dispatch(search, pool)
+        ready, _ = ray.wait(list(pool.inflight), num_returns=1, timeout=0.5) if pool.inflight else ([], [])
+        for ref in ready:
+            call = pool.inflight.pop(ref)
+            if call.kind == "generate":
+                generating = False
+            since_checkpoint += _collect(search, pool, ref, call)
+        _enforce_time_limits(search, pool)
+        if since_checkpoint >= cfg.search.checkpoint_every:
+            search.store.save_checkpoint({"summary": search.summary(), "next_id": search.next_id})
+            since_checkpoint = 0
+        search.stats["overhead_seconds"] += time.perf_counter() - loop_start
+        search.metrics.set("eval_queue_depth", len(search.queue))
+        search.metrics.set("evaluators_busy", sum(1 for c in pool.inflight.values() if c.kind == "eval"))
+        if progress:
+            progress.update()
+        if not pool.inflight and not search.queue and not generating:
+            # nothing can make progress (e.g. every operator needs parents and none survived)
+            if not _request_generation(search, pool):
+                return "nothing left to evaluate"
+            generating = True
+
+
+def _request_generation(search: Search, pool: ActorPool) -> bool:
+    """Fill one batch of prompts; symbolic operators add their children straight to the queue."""
+    meta = {"prompts": [], "ops": [], "islands": [], "parents": [], "prompt_ids": []}
+    for _ in range(search.cfg.policy.prompts_per_batch):
+        op = search.choose_operator()
+        if op in LLM_OPERATORS:
+            prompt, island, parents = search.build_prompt(op)
+            meta["prompts"].append(prompt)
+            meta["ops"].append(op)
+            meta["islands"].append(island)
+            meta["parents"].append(parents)
+            meta["prompt_ids"].append(search.next_prompt_id())
+        else:
+            search.symbolic_child(op)
+    if not meta["prompts"]:
+        return False
+    ref = pool.policy.generate.remote(meta["prompts"], search.rng.randrange(2 ** 31))
+    pool.inflight[ref] = Inflight("generate", None, time.time(), meta)
+    return True
+
+
+def _dispatch(search: Search, pool: ActorPool) -> None:
+    limit = search.cfg.search.max_evaluations
+    while pool.idle and search.queue and search.dispatched < limit:
+        worker = pool.idle.pop()
+        job = search.queue.popleft() | {"proxy_cutoff": search.proxy_cutoff()}
+        ref = pool.evaluators[worker].evaluate.remote(job)
+        pool.inflight[ref] = Inflight("eval", worker, time.time(), job)
+        search.dispatched += 1
+
+
+def _collect(search: Search, pool: ActorPool, ref, call: Inflight) -> int:
+    try:
+        result = ray.get(ref)
+    except ray.exceptions.RayActorError as exc:
+        return _actor_died(search, pool, call, exc)
+    except ray.exceptions.RayTaskError as exc:   # a bug in our own code: recorded, never fatal
+        result = {"status": "failed", "reason": f"evaluator error: {exc}"[:500]}
+    if call.kind == "ping":
+        pool.idle.add(call.worker)
+        return 0
+    if call.kind == "generate":
+        search.handle_completions(call.payload, result)
+        return 0
+    pool.idle.add(call.worker)
+    search.stats["busy_seconds"] += time.time() - call.started
+    search.record_evaluation(call.payload, result)
+    return 1
+
+
+def _actor_died(search: Search, pool: ActorPool, call: Inflight, exc) -> int:
+    if call.kind == "generate":
+        log.warning("policy actor died (%s); it restarts and the batch is asked again", type(exc).__name__)
+        return 0
+    if call.kind == "eval":
+        job = call.payload
+        job["attempts"] = job.get("attempts", 0) + 1
+        search.dispatched -= 1
+        if job["attempts"] >= MAX_ATTEMPTS:
+            search.dispatched += 1
+            search.record_evaluation(job, {"status": "failed", "reason": f"evaluator died {MAX_ATTEMPTS} times"})
+        else:
+            search.queue.appendleft({k: v for k, v in job.items() if k != "proxy_cutoff"})
+    pool.restarts += 1
+    _ping_later(pool, call.worker)
+    return 1 if call.kind == "eval" and call.payload.get("attempts", 0) >= MAX_ATTEMPTS else 0
+
+
+def _ping_later(pool: ActorPool, worker: int) -> None:
+    """A restarted evaluator rejoins once its constructor has run again."""
+    actor = pool.evaluators[worker]
+    try:
+        pool.inflight[actor.ping.remote()] = Inflight("ping", worker, time.time())
+    except ray.exceptions.RayActorError:
+        log.error("evaluator-%d is gone for good", worker)
+
+
+def _enforce_time_limits(search: Search, pool: ActorPool) -> None:
+    limit = search.cfg.search.eval_time_limit
+    now = time.time()
+    for ref, call in list(pool.inflight.items()):
+        if call.kind != "eval" or now - call.started <= limit:
+            continue
+        del pool.inflight[ref]
+        ray.kill(pool.evaluators[call.worker], no_restart=False)   # interrupts the hung task
+        search.record_evaluation(call.payload, {"status": "timeout", "seconds": now - call.started,
+                                                "reason": f"exceeded the {limit:.0f} s time limit"})
+        pool.restarts += 1
+        _ping_later(pool, call.worker)
+
+
+def _drain_and_close(search: Search, pool: ActorPool) -> None:
+    """Finish in-flight evaluations (bounded by the time limit) and flush; queued candidates stay pending."""
+    deadline = time.time() + search.cfg.search.eval_time_limit
+    while any(c.kind == "eval" for c in pool.inflight.values()) and time.time() < deadline:
+        ready, _ = ray.wait(list(pool.inflight), num_returns=1, timeout=1.0)
+        for ref in ready:
+            call = pool.inflight.pop(ref)
+            if call.kind == "eval":
+                _collect(search, pool, ref, call)
+        _enforce_time_limits(search, pool)
+    if search.queue:
+        # Left as accepted and unevaluated: a resumed run evaluates them, so no program is lost to a stop.
+        log.info("%d accepted candidates are pending evaluation", len(search.queue))
+    search.store.flush()
+
+
+class _Progress:
+    def __init__(self, search: Search):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+        self.search = search
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                            TimeElapsedColumn(), transient=False)
+        self.task = self.bar.add_task("search", total=search.cfg.search.max_evaluations)
+        self.bar.start()
+
+    def update(self) -> None:
+        s = self.search.summary()
+        best = f"{s['best_perplexity']:.2f}" if s["best_perplexity"] else "–"
+        self.bar.update(self.task, completed=s["evaluated"],
+                        description=f"valid {s['valid_rate']:.0%} | best ppl {best} | "
+                                    f"{s['tokens_per_second']:.1f} tok/s | queue {len(self.search.queue)}")
+        if s["evaluated"] >= self.search.cfg.search.max_evaluations:
+            self.bar.stop()

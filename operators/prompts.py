@@ -1,0 +1,234 @@
+"""Prompts for the policy LLM: plain strings (the backends apply chat templates).
+
+Every prompt opens with the same description of the candidate language (`PREAMBLE`) and ends
+with the required output (`OUTPUT_RULE`). Variable parts (feedback, lineage edges) are fitted
+into a character budget, dropping the oldest items first, so that a prompt stays well inside
+SmolLM2's 8k-token context (~1500 tokens). Builders are pure: same inputs, same string.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from dataclasses import dataclass, field
+
+from autoprune_ray.operators.language import MAX_CONST, MAX_DEPTH, MAX_EXPONENT, MAX_NODES, PRUNE, \
+    CandidateError, extract_function
+
+MAX_PROMPT_CHARS = 3600        # ~1500 tokens: English runs ~3.4 characters a token, code ~2.1
+FEEDBACK_CHARS = 700
+FEEDBACK_ITEMS = 8
+_SNIPPET_CHARS = 70
+_REASON_CHARS = 160
+
+_SHAPE_NOTES = {"A": "one value per input column", "M": "one value per input column",
+                "V": "one value per input column", "H": "one value per input column"}
+_INPUTS = "\n".join(f"  {name}: {PRUNE.describe[name]}" + (f", {_SHAPE_NOTES[name]}" if name in _SHAPE_NOTES else "")
+                    for name in PRUNE.inputs)
+
+PREAMBLE = f"""You design pruning metrics for a language model. A metric is one Python function that gives \
+every weight of a linear layer a score. Higher score = keep the weight. Scores are compared within each \
+output row (each row of W): the lowest-scoring weights of a row are pruned.
+
+Inputs (take only those you use as parameters):
+{_INPUTS}
+Vectors broadcast against [out, in] matrices.
+Allowed: + - * /, x ** c with a constant c in [-{MAX_EXPONENT:g}, {MAX_EXPONENT:g}], abs, sqrt, exp, log1p, \
+square, sigmoid, tanh, maximum(a, b), minimum(a, b), clamp(x, min=a, max=b), numbers.
+Reductions: x.sum, mean, std, norm, max, min with dim=1 (along a row, over inputs) or dim=0 (down a column, \
+over outputs); they always keep the dimension, as with keepdim=True.
+Division, sqrt and pow are guarded against zero; log is not allowed (use log1p). You may assign local \
+variables; end with one return. No loops, if, imports or other functions.
+Limits: at most {MAX_NODES} operations, {MAX_DEPTH} levels of nesting, constants up to {MAX_CONST:g}. The \
+result must vary per weight, so use W or G.
+Format example (syntax only, not a good metric):
+```python
+def score(W, A):
+    x = W.abs()
+    return x / x.mean(dim=1, keepdim=True) + 0.1 * A
+```"""
+
+OUTPUT_RULE = "Answer with ONE python function in a ```python fence. No prose needed."
+
+
+# ---------------------------------------------------------------- helpers
+
+def _fitness(value: float | None) -> str:
+    if value is None:
+        return "not evaluated"
+    if not math.isfinite(value):
+        return "failed"
+    return f"{value:.4f}"
+
+
+def _program(code: str, fitness: float | None, label: str) -> str:
+    return f"{label} (fitness {_fitness(fitness)}; higher is better):\n```python\n{code.strip()}\n```"
+
+
+def _fit_newest(items: list[str], budget: int) -> list[str]:
+    """The newest items (list end) whose joined length fits the budget, in their original order."""
+    kept, used = [], 0
+    for item in reversed(items):
+        if used + len(item) + 1 > budget:
+            break
+        kept.append(item)
+        used += len(item) + 1
+    return kept[::-1]
+
+
+def _feedback_section(feedback: list[str], budget: int) -> str:
+    """Feedback lines come newest first (see feedback_lines), so the oldest are the tail dropped."""
+    lines = _fit_newest(list(dict.fromkeys(feedback))[::-1], budget)[::-1]   # dedupe, keep the head
+    if not lines:
+        return ""
+    return "Recent programs were rejected; avoid these mistakes:\n" + "\n".join(f"- {line}" for line in lines)
+
+
+def _assemble(*parts: str) -> str:
+    return "\n\n".join(p for p in parts if p) + "\n"
+
+
+def _room(*fixed: str) -> int:
+    return max(0, MAX_PROMPT_CHARS - sum(len(p) + 2 for p in fixed))
+
+
+def _snippet(code: str) -> str:
+    """One short line naming the program: its return expression when it has one."""
+    try:
+        lines = extract_function(code).splitlines()
+    except CandidateError:
+        lines = code.splitlines()
+    lines = [" ".join(line.split()) for line in lines if line.strip()]
+    returns = [line[line.index("return "):] for line in lines if "return " in line]   # also `def f(W): return W`
+    text = returns[-1] if returns else (lines[0] if lines else "")
+    return text if len(text) <= _SNIPPET_CHARS else text[:_SNIPPET_CHARS - 3] + "..."
+
+
+# ---------------------------------------------------------------- public builders
+
+def feedback_lines(rejections: list[tuple[str, str]]) -> list[str]:
+    """(code, reason) pairs, oldest first (as recorded), into short lines, NEWEST FIRST: one
+    line per distinct reason, at most FEEDBACK_ITEMS lines and FEEDBACK_CHARS characters; the
+    oldest are dropped first."""
+    out, seen, used = [], set(), 0
+    for code, reason in reversed(list(rejections)):
+        reason = " ".join(str(reason).split())
+        if not reason or reason in seen:
+            continue
+        seen.add(reason)
+        reason = reason if len(reason) <= _REASON_CHARS else reason[:_REASON_CHARS - 3] + "..."
+        snippet = _snippet(code or "")
+        line = f"`{snippet}`: {reason}" if snippet else reason
+        if len(out) >= FEEDBACK_ITEMS or used + len(line) + 1 > FEEDBACK_CHARS:
+            break
+        out.append(line)
+        used += len(line) + 1
+    return out
+
+
+def init_prompt(examples: list[tuple[str, float | None]], feedback: list[str] = ()) -> str:
+    """A new metric: from scratch when `examples` is empty (no expert knowledge), otherwise
+    shown the (code, fitness) examples."""
+    if examples:
+        shown = "\n".join(_program(code, fit, f"Known metric {k + 1}") for k, (code, fit) in enumerate(examples))
+        task = (f"{shown}\nWrite a NEW metric, different from these, that could get a higher fitness "
+                "(it may combine their ideas or use other inputs).")
+    else:
+        task = ("Invent a new metric from scratch: decide which weights matter most for the layer's output "
+                "and write a score for it.")
+    return _assemble(PREAMBLE, task, _feedback_section(list(feedback), min(FEEDBACK_CHARS, _room(PREAMBLE, task,
+                                                                                                    OUTPUT_RULE))),
+                     OUTPUT_RULE)
+
+
+def mutate_prompt(parent_code: str, parent_fitness: float | None, feedback: list[str] = ()) -> str:
+    task = (_program(parent_code, parent_fitness, "Parent metric") +
+            "\nWrite an improved variant of the parent: change one idea (a term, an exponent, a normalization "
+            "or an input), not just names or formatting.")
+    return _assemble(PREAMBLE, task, _feedback_section(list(feedback), min(FEEDBACK_CHARS, _room(PREAMBLE, task,
+                                                                                                    OUTPUT_RULE))),
+                     OUTPUT_RULE)
+
+
+def crossover_prompt(parent_a: str, fitness_a: float | None, parent_b: str, fitness_b: float | None,
+                     feedback: list[str] = ()) -> str:
+    task = (_program(parent_a, fitness_a, "Parent A") + "\n" + _program(parent_b, fitness_b, "Parent B") +
+            "\nWrite a child metric that combines the strongest parts of A and B into one score.")
+    return _assemble(PREAMBLE, task, _feedback_section(list(feedback), min(FEEDBACK_CHARS, _room(PREAMBLE, task,
+                                                                                                    OUTPUT_RULE))),
+                     OUTPUT_RULE)
+
+
+# ---------------------------------------------------------------- graph-driven chain of thought
+
+@dataclass
+class LineageNode:
+    id: int
+    code: str
+    fitness: float | None
+
+
+@dataclass
+class LineageEdge:
+    parent_id: int
+    child_id: int
+    operator: str
+
+
+@dataclass
+class LineageGraph:
+    nodes: list[LineageNode]
+    edges: list[LineageEdge]            # oldest first; the oldest are dropped when space is short
+    rejections: list[str] = field(default_factory=list)   # feedback_lines(), newest first
+
+
+def code_diff(before: str, after: str) -> str:
+    """A compact unified diff (no headers, no context) of two programs."""
+    lines = [line for line in difflib.unified_diff(before.strip().splitlines(), after.strip().splitlines(),
+                                                   lineterm="", n=0)
+             if not line.startswith(("---", "+++", "@@"))]
+    return "\n".join(lines) if lines else "(no code change)"
+
+
+def _delta(parent: float | None, child: float | None) -> str:
+    if parent is None or child is None or not (math.isfinite(parent) and math.isfinite(child)):
+        return f"fitness {_fitness(parent)} -> {_fitness(child)}"
+    change = child - parent
+    verdict = "better" if change > 0 else "worse" if change < 0 else "same"
+    return f"fitness {_fitness(parent)} -> {_fitness(child)} ({change:+.4f}, {verdict})"
+
+
+def _edge_text(edge: LineageEdge, nodes: dict[int, LineageNode]) -> str:
+    parent, child = nodes[edge.parent_id], nodes[edge.child_id]
+    return (f"#{parent.id} -> #{child.id} by {edge.operator}: {_delta(parent.fitness, child.fitness)}\n"
+            f"{code_diff(parent.code, child.code)}")
+
+
+def gcot_prompt(graph: LineageGraph) -> str:
+    """Reason along the lineage edges (what change helped, what hurt), then write the next program."""
+    nodes = {n.id: n for n in graph.nodes}
+    scored = [n for n in graph.nodes if n.fitness is not None and math.isfinite(n.fitness)]
+    if scored:
+        best = max(scored, key=lambda n: (n.fitness, -n.id))
+        head = _program(best.code, best.fitness, f"Best metric so far, #{best.id}")
+    elif graph.nodes:
+        head = _program(graph.nodes[-1].code, None, f"Latest metric, #{graph.nodes[-1].id}")
+    else:
+        head = "No metric has been evaluated yet."
+    ask = ("First reason briefly along the edges: which code change raised fitness, which lowered it, and why. "
+           "Then write the next metric, one that should beat the best so far.")
+    rejected = _feedback_section(list(graph.rejections)[:5], 600)
+    room = _room(PREAMBLE, head, rejected, ask, OUTPUT_RULE) - 80
+    edges = [_edge_text(e, nodes) for e in graph.edges if e.parent_id in nodes and e.child_id in nodes]
+    edges = _fit_newest(edges, room)
+    lineage = ("How the metrics evolved (fitness: higher is better), each edge with its code diff:\n" +
+               "\n".join(edges)) if edges else ""
+    return _assemble(PREAMBLE, head, lineage, rejected, ask, OUTPUT_RULE)
+
+
+_FENCED = re.compile(r"```python\n(.*?)```", re.S)
+
+
+def fenced_programs(prompt: str) -> list[str]:
+    """The programs shown in a prompt's ```python fences (for checks)."""
+    return [block for block in _FENCED.findall(prompt) if "def " in block]

@@ -1,0 +1,129 @@
+"""The search engine on a real local Ray instance, with a tiny target model and a scripted policy
+(a real backend class fed fixed completions, so the runs are deterministic)."""
+
+import pandas as pd
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from autoprune_ray.engine.config import EvaluatorConfig, PolicyConfig, RunConfig, SearchConfig, TargetConfig  # noqa: E402
+from autoprune_ray.engine.runner import run_search  # noqa: E402
+from autoprune_ray.engine.storage import RunStore  # noqa: E402
+
+COMPLETIONS = [
+    "Here is a new metric:\n```python\ndef score(W, A):\n    return W.abs() * A.sqrt()\n```",
+    "```python\ndef score(W, A):\n    return W.abs() * A.sqrt()\n```",                    # duplicate
+    "I think we should prune small weights.",                                               # no code
+    "```python\ndef score(W, A):\n    import os\n    return W\n```",                         # rejected
+    "```python\ndef score(W, A, M):\n    return W.abs() * A + 0.1 * M.abs()\n```",
+    "```python\ndef score(W, V):\n    return W.abs() * (V + 1).log1p()\n```",
+    "```python\ndef score(W, A):\n    return (W.abs() * A) ** 0.5 + W.abs().mean(dim=1)\n```",
+    "```python\ndef score(W, A, H):\n    return W.abs() * H.sqrt() / (A + 1)\n```",
+]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def make_config(tmp_path, tiny_model_dir, corpus_file, name="t", **search) -> RunConfig:
+    defaults = dict(islands=2, population_size=6, elites=1, migration_interval=3, max_evaluations=8,
+                    max_seconds=300, eval_time_limit=60, queue_size=4, cascade=100.0, checkpoint_every=1,
+                    operators={"llm_mutate": 0.5, "llm_init": 0.2, "symbolic_mutate": 0.3})
+    defaults.update(search)
+    return RunConfig(
+        name=name, run_dir=str(tmp_path / "{name}"),
+        target=TargetConfig(model=str(tiny_model_dir), calib_data=str(corpus_file), nsamples=4, seqlen=32,
+                            eval_tokens=128, device="cpu"),
+        policy=PolicyConfig(backend="scripted", scripted=COMPLETIONS, prompts_per_batch=2, completions_per_prompt=2),
+        search=SearchConfig(**defaults),
+        evaluators=EvaluatorConfig(num=2, num_cpus=1)).validate()
+
+
+def tables(cfg):
+    store = RunStore(cfg.resolved_run_dir)
+    return store.read("candidates"), store.read("evaluations")
+
+
+def assert_one_outcome_each(cands: pd.DataFrame, evals: pd.DataFrame, summary: dict | None = None):
+    assert cands.candidate_id.is_unique
+    accepted = set(cands[cands.status == "accepted"].candidate_id)
+    assert evals.candidate_id.is_unique, "a candidate was recorded twice"
+    assert set(evals.candidate_id) <= accepted, "only accepted candidates are evaluated"
+    if summary is not None:   # the rest are pending, and the run says how many
+        assert len(accepted - set(evals.candidate_id)) == summary["pending"]
+    assert not evals[evals.status.isin(["ok", "screened"])].hash.duplicated().any(), "a program was evaluated twice"
+    dups = cands[cands.status == "duplicate"]
+    first = cands.set_index("candidate_id")
+    for row in dups.itertuples():
+        assert first.loc[int(row.duplicate_of)].hash == row.hash
+    assert (cands[cands.status == "rejected"].reason.str.len() > 0).all()
+
+
+def test_search_pipeline_records_every_outcome(ray_session, tmp_path, tiny_model_dir, corpus_file):
+    cfg = make_config(tmp_path, tiny_model_dir, corpus_file)
+    summary = run_search(cfg, progress=False)
+    cands, evals = tables(cfg)
+    assert summary["evaluated"] == 8 == len(evals)
+    assert_one_outcome_each(cands, evals, summary)
+    assert {"seed", "llm_mutate"} <= set(cands.operator)
+    assert (cands.status == "duplicate").any() and (cands.status == "rejected").any()
+    assert "import os" in " ".join(cands[cands.status == "rejected"].source)
+    prompts = RunStore(cfg.resolved_run_dir).read("prompts")
+    assert len(prompts) and prompts.completion.isin(COMPLETIONS).all()
+    ok = evals[evals.status == "ok"]
+    assert len(ok) and ok.perplexity.notna().all() and (ok.sparsity == 0.5).all()
+    assert summary["best_perplexity"] == pytest.approx(ok.perplexity.min())
+    lineage = RunStore(cfg.resolved_run_dir).read("lineage")
+    assert set(lineage.child_id) <= set(cands.candidate_id)
+
+
+def test_resume_continues_without_repeating(ray_session, tmp_path, tiny_model_dir, corpus_file):
+    cfg = make_config(tmp_path, tiny_model_dir, corpus_file, name="r", max_evaluations=4)
+    first = run_search(cfg, progress=False)
+    first_cands, first_evals = tables(cfg)
+    assert_one_outcome_each(first_cands, first_evals, first)
+    with pytest.raises(Exception, match="already holds a run"):
+        run_search(cfg, progress=False)
+    cfg.search.max_evaluations = 9
+    second = run_search(cfg, resume=True, progress=False)
+    cands, evals = tables(cfg)
+    assert len(evals) == 9
+    pending = set(first_cands[first_cands.status == "accepted"].candidate_id) - set(first_evals.candidate_id)
+    assert pending and pending <= set(evals.candidate_id), "the first run's pending candidates were evaluated"
+    pd.testing.assert_frame_equal(cands.iloc[: len(first_cands)].reset_index(drop=True),
+                                  first_cands.reset_index(drop=True))
+    pd.testing.assert_frame_equal(evals.iloc[: len(first_evals)].reset_index(drop=True),
+                                  first_evals.reset_index(drop=True))
+    assert_one_outcome_each(cands, evals, second)
+
+
+def test_failures_become_records(ray_session, tmp_path, tiny_model_dir, corpus_file):
+    """A hung evaluation is killed at its limit, a crashed evaluator's job is re-queued once,
+    a NaN score is a recorded failure, and the run finishes."""
+    marker = tmp_path / "crashed-once"
+    cfg = make_config(tmp_path, tiny_model_dir, corpus_file, name="f", max_evaluations=7, eval_time_limit=15,
+                      operators={"llm_mutate": 1.0})
+    cfg.policy.scripted = [
+        "```python\ndef score(W):\n    return W.abs() * W.tanh()\n```",          # hangs
+        "```python\ndef score(W, A):\n    return W.abs().sigmoid() * A\n```",     # crashes its evaluator once
+        "```python\ndef score(W):\n    return ((W * 10000) ** 4) ** 4 - ((W * 10000) ** 4) ** 4\n```",  # NaN
+        "```python\ndef score(W, A):\n    return W.square() * A\n```",
+    ]
+    cfg.evaluators.fault_injection = {"hang_if_code_contains": "tanh", "crash_if_code_contains": "sigmoid",
+                                      "crash_marker": str(marker)}
+    summary = run_search(cfg, progress=False)
+    cands, evals = tables(cfg)
+    assert_one_outcome_each(cands, evals, summary)
+    by_code = evals.merge(cands[["candidate_id", "code"]], on="candidate_id")
+    hung = by_code[by_code.code.str.contains("tanh")]
+    assert (hung.status == "timeout").all() and len(hung) == 1
+    crashed = by_code[by_code.code.str.contains("sigmoid")]
+    assert marker.exists() and len(crashed) == 1 and crashed.status.iloc[0] == "ok"
+    assert crashed.attempts.iloc[0] == 1
+    nan = by_code[by_code.code.str.contains("10000")]
+    assert nan.status.iloc[0] == "failed" and "NaN" in nan.reason.iloc[0]
+    assert summary["evaluator_restarts"] >= 2
