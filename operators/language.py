@@ -181,7 +181,14 @@ class _Parser:
         args = fn.args
         if args.vararg or args.kwarg or args.kwonlyargs or args.posonlyargs:
             raise CandidateError("only plain parameters are allowed (no *args, **kwargs or keyword-only)")
-        defaults = dict(zip([a.arg for a in args.args][::-1], args.defaults[::-1]))
+        names = [a.arg for a in args.args]
+        duplicate = next((n for n in names if names.count(n) > 1), None)
+        if duplicate:
+            raise CandidateError(f"parameter `{duplicate}` is listed twice")
+        for annotation in [a.annotation for a in args.args] + [fn.returns]:
+            if annotation is not None and not _is_type_name(annotation):
+                raise CandidateError(f"annotations may only name a type (like torch.Tensor), got `{_src(annotation)}`")
+        defaults = dict(zip(names[::-1], args.defaults[::-1]))
         for a in args.args:
             if a.arg in defaults:
                 self.locals[a.arg] = self._make("const", [], self._number(defaults[a.arg], f"default of {a.arg}"))
@@ -371,6 +378,21 @@ def _call_name(node: ast.Call):
     raise CandidateError(f"call `{_src(node)}` is not allowed")
 
 
+def _is_type_name(node: ast.AST) -> bool:
+    """`torch.Tensor`, `"Tensor"`, `Optional[Tensor]`, `float | None`: names only, no calls."""
+    if isinstance(node, ast.Name) or (isinstance(node, ast.Constant) and isinstance(node.value, (str, type(None)))):
+        return True
+    if isinstance(node, ast.Attribute):
+        return _is_type_name(node.value)
+    if isinstance(node, ast.Subscript):
+        return _is_type_name(node.value) and _is_type_name(node.slice)
+    if isinstance(node, ast.Tuple):
+        return all(_is_type_name(e) for e in node.elts)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+        return _is_type_name(node.left) and _is_type_name(node.right)
+    return False
+
+
 def _is_number(node: ast.AST) -> bool:
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
         return _is_number(node.operand)
@@ -429,6 +451,12 @@ def check_tree(tree: Node, task: Task) -> None:
         raise CandidateError(f"program too large: more than {MAX_NODES} operations")
     if expr.depth(tree) > MAX_DEPTH:
         raise CandidateError(f"program too deeply nested: more than {MAX_DEPTH} levels")
+    for node in expr.walk(tree):
+        if node.op == "const" and abs(node.value) > MAX_CONST:
+            raise CandidateError(f"constant {node.value:g} (after folding constant arithmetic) is too large: "
+                                 f"keep |c| <= {MAX_CONST:g}")
+        if node.op == "div" and node.args[1].op == "const" and node.args[1].value == 0:
+            raise CandidateError("division by the constant 0")
     shape = expr.shape_of(tree, task.inputs)
     if task.result_must_vary == "matrix" and not shape.is_matrix:
         raise CandidateError("the score must give one value per weight: use W or G (shape [out, in]) "
