@@ -37,6 +37,15 @@ def isolated_cache(tmp_path_factory):
         os.environ["AUTOPRUNE_CACHE"] = old
 
 
+@pytest.fixture(scope="module")
+def user_cache():
+    """The real cache, so the ~30 s GGUF conversion of SmolLM2 happens once per machine, not per run."""
+    old = os.environ.get("AUTOPRUNE_CACHE")
+    os.environ["AUTOPRUNE_CACHE"] = str(Path.home() / ".cache" / "autoprune-ray")
+    yield
+    os.environ["AUTOPRUNE_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "tiny.txt"

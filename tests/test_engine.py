@@ -127,3 +127,27 @@ def test_failures_become_records(ray_session, tmp_path, tiny_model_dir, corpus_f
     nan = by_code[by_code.code.str.contains("10000")]
     assert nan.status.iloc[0] == "failed" and "NaN" in nan.reason.iloc[0]
     assert summary["evaluator_restarts"] >= 2
+
+
+@pytest.mark.slow
+def test_real_default_smollm2_writes_and_scores_candidates(ray_session, tmp_path, user_cache):
+    """configs/local.yaml shrunk: SmolLM2 is the policy (transformers backend) and the target."""
+    from pathlib import Path
+
+    from autoprune_ray.compress.models import resolve_model_path
+    from autoprune_ray.engine.config import load_config
+
+    cached = str(resolve_model_path("smollm2"))   # actors share the converted copy, not a fresh cache
+    cfg = load_config(Path(__file__).parent.parent / "configs" / "local.yaml", {
+        "run_dir": str(tmp_path / "{name}"), "target.model": cached, "policy.model": cached,
+        "target.nsamples": 2, "target.seqlen": 64, "target.eval_tokens": 256, "policy.max_new_tokens": 96,
+        "policy.prompts_per_batch": 1, "policy.completions_per_prompt": 2, "search.max_evaluations": 3,
+        "search.max_seconds": 900, "search.operators": {"llm_init": 0.5, "llm_mutate": 0.5}})
+    summary = run_search(cfg, progress=False)
+    cands, evals = tables(cfg)
+    prompts = RunStore(cfg.resolved_run_dir).read("prompts")
+    assert len(prompts) >= 2 and (prompts.tokens > 0).all() and prompts.completion.str.len().gt(0).all()
+    from_policy = cands[cands.operator.str.startswith("llm")]
+    assert len(from_policy) >= 2 and set(from_policy.status) <= {"accepted", "rejected", "duplicate"}
+    assert (evals.status == "ok").sum() >= 1 and evals[evals.status == "ok"].perplexity.notna().all()
+    assert_one_outcome_each(cands, evals, summary)

@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from autoprune_ray.compress.eval import perplexity
 from autoprune_ray.compress.fitness import ProgramEvaluator

@@ -1,20 +1,9 @@
 """The real embedded default: SmolLM2-135M-Instruct on the offline corpus (about a minute on 2 cores)."""
 import math
-import os
-from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def user_cache():
-    # Use the real cache so the ~30 s GGUF conversion happens once per machine, not per test run.
-    old = os.environ.get("AUTOPRUNE_CACHE")
-    os.environ["AUTOPRUNE_CACHE"] = str(Path.home() / ".cache" / "autoprune-ray")
-    yield
-    os.environ["AUTOPRUNE_CACHE"] = old
 
 
 def test_gguf_default_loads_as_llama(user_cache):

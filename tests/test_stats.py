@@ -1,7 +1,6 @@
 """Calibration statistics against an explicit full-model forward pass."""
 import torch
 
-from autoprune_ray.compress.models import block_linears, decoder_layers
 from tests_support import explicit_linear_inputs
 from autoprune_ray.compress.stats import CalibrationStats, calibration_stats, stats_path, walk
 
