@@ -26,6 +26,7 @@ class TargetConfig:
     sparsity: float = 0.5
     pattern: str | None = None
     device: str | None = None
+    gradients: bool = False          # collect gradient RMS (G) for programs that read it: one backward per window
 
 
 @dataclass

@@ -24,6 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from autoprune_ray.engine.config import RunConfig
+from autoprune_ray.kernels.expr import walk
 from autoprune_ray.engine.database import Individual, Population, fitness_from_perplexity, subtree_features
 from autoprune_ray.engine.metrics import EngineMetrics
 from autoprune_ray.engine.storage import RunStore
@@ -93,6 +94,10 @@ class Search:
     def propose(self, cand: Candidate | None, *, source: str, operator: str, island: int, parents: list[int],
                 reason: str = "", prompt_id: int | None = None, adapter: str | None = None) -> None:
         """Record one proposal and queue it for evaluation when it is new and valid."""
+        missing = self._unavailable_inputs(cand) if cand is not None else set()
+        if missing:
+            cand, reason = None, (f"this run collects no statistics for {', '.join(sorted(missing))}: "
+                                  "G (gradient RMS) needs target.gradients: true")
         if cand is None:
             self._new_candidate(code="", source=source, status="rejected", reason=reason, operator=operator,
                                 island=island, parents=parents, prompt_id=prompt_id, adapter=adapter)
@@ -109,6 +114,12 @@ class Search:
             self.queue.append({"candidate_id": cid, "hash": cand.hash, "code": cand.code, "island": island,
                                "granularity": cand.granularity, "operator": operator, "parents": parents,
                                "attempts": 0})
+
+    def _unavailable_inputs(self, cand: Candidate) -> set[str]:
+        """Inputs the program reads that the evaluators do not collect (G without gradients)."""
+        if self.cfg.task != "prune" or self.cfg.target.gradients:
+            return set()
+        return {"G"} & {n.value for n in walk(cand.tree) if n.op == "input"}
 
     def record_evaluation(self, job: dict, result: dict) -> None:
         status = result["status"]
@@ -185,8 +196,8 @@ class Search:
     def seed_population(self) -> None:
         if self.cfg.search.seeds and self.cfg.task == "prune":
             for name, cand in score_seeds().items():
-                if name == "weight-gradient":
-                    continue   # needs LM-loss gradients, which the default evaluator does not collect
+                if self._unavailable_inputs(cand):
+                    continue   # weight-gradient needs gradient statistics (target.gradients)
                 self.propose(cand, source=cand.code, operator="seed", island=self.population.next_island(),
                              parents=[])
 
@@ -201,8 +212,10 @@ class Search:
     def symbolic_child(self, op: str) -> None:
         island = self.population.next_island()
         if op == "symbolic_init":
-            tree = symbolic.random_tree(self.rng, self.cfg.task, depth=3)
-            child = symbolic._finish(tree, self.cfg.task, ())
+            for _ in range(10):   # random programs only over the inputs this run collects
+                child = symbolic._finish(symbolic.random_tree(self.rng, self.cfg.task, depth=3), self.cfg.task, ())
+                if child is not None and not self._unavailable_inputs(child):
+                    break
             parents = []
         elif op == "symbolic_mutate":
             parent = self.population.sample_parents(island, 1)[0]

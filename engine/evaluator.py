@@ -29,7 +29,7 @@ class EvaluatorWorker:
         self.lm = load_model(target.model, device=target.device)
         self.data = load_token_data(self.lm.tokenizer, target.calib_data, None, target.nsamples, target.seqlen,
                                     target.seed, target.eval_tokens)
-        self.evaluator = ProgramEvaluator(self.lm, self.data)
+        self.evaluator = ProgramEvaluator(self.lm, self.data, with_grad=target.gradients)
         self.started = time.time()
 
     def ping(self) -> dict:
@@ -65,7 +65,10 @@ class EvaluatorWorker:
         return out
 
     def _inject_faults(self, code: str) -> None:
-        """Testing aid for fault tolerance: hang or kill this process on matching programs."""
+        """Testing aid for fault tolerance: hang or kill this process on matching programs; and a
+        benchmark aid, `sleep_seconds`, a known extra cost per evaluation."""
+        if self.faults.get("sleep_seconds"):
+            time.sleep(float(self.faults["sleep_seconds"]))
         if self.faults.get("hang_if_code_contains") and self.faults["hang_if_code_contains"] in code:
             time.sleep(10 ** 6)
         if self.faults.get("crash_if_code_contains") and self.faults["crash_if_code_contains"] in code:

@@ -31,10 +31,14 @@ def status(run_dir: str | Path) -> dict:
     return out
 
 
-def best_row(cands: pd.DataFrame, evals: pd.DataFrame):
+def best_row(cands: pd.DataFrame, evals: pd.DataFrame, discovered_only: bool = False):
+    """The evaluated candidate with the lowest perplexity; `discovered_only` leaves out the seeds."""
     if evals.empty or "perplexity" not in evals or evals.perplexity.dropna().empty:
         return None
     ok = evals[evals.status == "ok"].dropna(subset=["perplexity"])
+    if discovered_only:
+        seeds = set(cands[cands.operator == "seed"].candidate_id)
+        ok = ok[~ok.candidate_id.isin(seeds)]
     if ok.empty:
         return None
     row = ok.loc[ok.perplexity.idxmin()]
@@ -105,8 +109,10 @@ def plots(cands: pd.DataFrame, evals: pd.DataFrame, chain: list[dict], out: Path
     return files
 
 
-def compare_with_baselines(config: dict, code: str, granularity: str, protocol, baselines: list[str]) -> pd.DataFrame:
-    """Re-measure the best program and the baselines under one protocol (sequential statistics)."""
+def compare_with_baselines(config: dict, programs: list[tuple[str, str, str]], protocol,
+                           baselines: list[str]) -> pd.DataFrame:
+    """Re-measure programs (label, code, granularity) and the baselines under one protocol
+    (sequential statistics)."""
     from autoprune_ray.compress.data import load_token_data
     from autoprune_ray.compress.eval import perplexity
     from autoprune_ray.compress.models import load_model
@@ -114,9 +120,9 @@ def compare_with_baselines(config: dict, code: str, granularity: str, protocol, 
     from autoprune_ray.operators.language import parse
 
     target = config["target"]
-    tree = parse(code, config["task"], granularity).tree
-    runs = [("best program", PruneConfig(method="program", program=tree, granularity=granularity,
-                                          sparsity=target["sparsity"], pattern=target["pattern"]))]
+    runs = [(label, PruneConfig(method="program", program=parse(code, config["task"], granularity).tree,
+                                granularity=granularity, sparsity=target["sparsity"], pattern=target["pattern"]))
+            for label, code, granularity in programs]
     runs += [(name, PruneConfig(method=name, sparsity=target["sparsity"], pattern=target["pattern"]))
              for name in baselines]
     rows = []
@@ -151,9 +157,15 @@ def write_report(run_dir: str | Path, protocol=None, baselines: list[str] | None
         lines += [f"{i + 1}. #{n['candidate_id']} ({n['operator']}), perplexity "
                   f"{n['perplexity'] if n['perplexity'] is None else round(n['perplexity'], 3)}"
                   for i, n in enumerate(chain)]
+        programs = [("best program", best.code, best.granularity or "row")]
+        discovered = best_row(cands, evals, discovered_only=True)
+        if best.operator == "seed" and discovered is not None:
+            lines += ["", f"The best program is an expert seed. The best program the search found itself is "
+                          f"#{int(discovered.candidate_id)} ({discovered.operator}, search-time perplexity "
+                          f"{discovered.perplexity:.3f}):", "", "```python", discovered.code.rstrip(), "```"]
+            programs.append(("best discovered", discovered.code, discovered.granularity or "row"))
         if protocol is not None:
-            table = compare_with_baselines(config, best.code, best.granularity or "row", protocol,
-                                           baselines or ["wanda", "magnitude"])
+            table = compare_with_baselines(config, programs, protocol, baselines or ["wanda", "magnitude"])
             table.to_parquet(out / "comparison.parquet")
             lines += ["", "## Under the full protocol", "", _markdown(table[["method", "sparsity", "perplexity"]]), "",
                       _verdict(table), "",
@@ -172,12 +184,13 @@ def _markdown(df: pd.DataFrame) -> str:
 
 
 def _verdict(table: pd.DataFrame) -> str:
-    ours = table[table.method == "best program"].perplexity.iloc[0]
-    others = table[~table.method.isin(["best program", "dense"])]
+    label = "best discovered" if (table.method == "best discovered").any() else "best program"
+    ours = table[table.method == label].perplexity.iloc[0]
+    others = table[~table.method.isin(["best program", "best discovered", "dense"])]
     if others.empty:
         return ""
     champion = others.loc[others.perplexity.idxmin()]
     if ours < champion.perplexity:
-        return f"The discovered program beats the best baseline ({champion.method}, {champion.perplexity:.3f}) by " \
+        return f"The {label} beats the best baseline ({champion.method}, {champion.perplexity:.3f}) by " \
                f"{(1 - ours / champion.perplexity):.1%}."
-    return f"The discovered program does not beat {champion.method} ({ours:.3f} vs {champion.perplexity:.3f})."
+    return f"The {label} does not beat {champion.method} ({ours:.3f} vs {champion.perplexity:.3f})."

@@ -99,7 +99,9 @@ def _loop(search: Search, pool: ActorPool) -> str:
         if not generating and len(search.queue) < cfg.search.queue_size:
             generating = _request_generation(search, pool)
         _dispatch(search, pool)
+        waiting = time.perf_counter()
         ready, _ = ray.wait(list(pool.inflight), num_returns=1, timeout=0.5) if pool.inflight else ([], [])
+        loop_start += time.perf_counter() - waiting   # waiting on actors is not engine overhead
         for ref in ready:
             call = pool.inflight.pop(ref)
             if call.kind == "generate":

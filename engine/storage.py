@@ -18,7 +18,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-TABLES = ("candidates", "evaluations", "lineage", "prompts")
+_STR, _INT, _FLOAT = pa.string(), pa.int64(), pa.float64()
+# Fixed schemas: every part file of a table has the same column types (a part whose column is all
+# None would otherwise be typed null and break reading the table as one dataset).
+SCHEMAS = {
+    "candidates": pa.schema([("candidate_id", _INT), ("hash", _STR), ("status", _STR), ("reason", _STR),
+                             ("code", _STR), ("source", _STR), ("operator", _STR), ("island", _INT),
+                             ("parents", pa.list_(_INT)), ("prompt_id", _INT), ("adapter", _STR),
+                             ("duplicate_of", _INT), ("granularity", _STR), ("created", _FLOAT)]),
+    "evaluations": pa.schema([("candidate_id", _INT), ("hash", _STR), ("status", _STR), ("proxy", _FLOAT),
+                              ("perplexity", _FLOAT), ("fitness", _FLOAT), ("sparsity", _FLOAT),
+                              ("seconds", _FLOAT), ("worker", _INT), ("reason", _STR), ("attempts", _INT),
+                              ("finished", _FLOAT)]),
+    "lineage": pa.schema([("child_id", _INT), ("parent_id", _INT), ("operator", _STR)]),
+    "prompts": pa.schema([("prompt_id", _INT), ("operator", _STR), ("island", _INT), ("prompt", _STR),
+                          ("completion", _STR), ("tokens", _INT), ("seconds", _FLOAT), ("adapter", _STR)]),
+}
+TABLES = tuple(SCHEMAS)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -55,6 +71,9 @@ class RunStore:
 
     # -- tables ----------------------------------------------------------------------
     def append(self, table: str, row: dict) -> None:
+        unknown = set(row) - set(SCHEMAS[table].names)
+        if unknown:   # caught at once, not at the next flush
+            raise KeyError(f"table {table} has no column(s) {sorted(unknown)}")
         self.buffers[table].append(row)
 
     def flush(self) -> None:
@@ -64,13 +83,15 @@ class RunStore:
             self._part[table] += 1
             path = self.root / "tables" / table / f"part-{self._part[table]:06d}.parquet"
             sink = pa.BufferOutputStream()
-            pq.write_table(pa.Table.from_pylist(rows), sink)
+            pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMAS[table]), sink)
             atomic_write_bytes(path, sink.getvalue().to_pybytes())
             rows.clear()
 
     def read(self, table: str) -> pd.DataFrame:
+        """Written parts plus rows not yet flushed, with the table's schema even when empty."""
         parts = sorted((self.root / "tables" / table).glob("part-*.parquet"))
-        frames = [pd.read_parquet(p) for p in parts]
-        frames += [pd.DataFrame(self.buffers[table])] if self.buffers[table] else []
-        frames = [f for f in frames if len(f)]
-        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        tables = [pq.read_table(p) for p in parts]
+        if self.buffers[table]:
+            tables.append(pa.Table.from_pylist(self.buffers[table], schema=SCHEMAS[table]))
+        tables = [t.cast(SCHEMAS[table]) if t.schema != SCHEMAS[table] else t for t in tables]
+        return pa.concat_tables(tables or [SCHEMAS[table].empty_table()]).to_pandas()

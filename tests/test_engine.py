@@ -112,6 +112,7 @@ def test_failures_become_records(ray_session, tmp_path, tiny_model_dir, corpus_f
         "```python\ndef score(W, A):\n    return W.abs().sigmoid() * A\n```",     # crashes its evaluator once
         "```python\ndef score(W):\n    return ((W * 10000) ** 4) ** 4 - ((W * 10000) ** 4) ** 4\n```",  # NaN
         "```python\ndef score(W, A):\n    return W.square() * A\n```",
+        "```python\ndef score(W, G):\n    return W.abs() * G\n```",             # G is not collected
     ]
     cfg.evaluators.fault_injection = {"hang_if_code_contains": "tanh", "crash_if_code_contains": "sigmoid",
                                       "crash_marker": str(marker)}
@@ -127,6 +128,9 @@ def test_failures_become_records(ray_session, tmp_path, tiny_model_dir, corpus_f
     nan = by_code[by_code.code.str.contains("10000")]
     assert nan.status.iloc[0] == "failed" and "NaN" in nan.reason.iloc[0]
     assert summary["evaluator_restarts"] >= 2
+    reads_g = cands[cands.source.str.contains("W, G")]
+    assert len(reads_g) and (reads_g.status == "rejected").all()
+    assert reads_g.reason.str.contains("target.gradients").all()
 
 
 @pytest.mark.slow
@@ -151,3 +155,26 @@ def test_real_default_smollm2_writes_and_scores_candidates(ray_session, tmp_path
     assert len(from_policy) >= 2 and set(from_policy.status) <= {"accepted", "rejected", "duplicate"}
     assert (evals.status == "ok").sum() >= 1 and evals[evals.status == "ok"].perplexity.notna().all()
     assert_one_outcome_each(cands, evals, summary)
+
+
+def test_status_report_and_prune_with_the_best_program(ray_session, tmp_path, tiny_model_dir, corpus_file):
+    from click.testing import CliRunner
+
+    from autoprune_ray.compress.protocol import Protocol
+    from autoprune_ray.engine.cli import main
+    from autoprune_ray.engine.report import status, write_report
+
+    cfg = make_config(tmp_path, tiny_model_dir, corpus_file, name="r", max_evaluations=5)
+    run_search(cfg, progress=False)
+    run_dir = cfg.resolved_run_dir
+    st = status(run_dir)
+    assert st["candidates"] >= 5 and 0 < st["valid_rate"] <= 1 and st["best"]["perplexity"] > 1
+    proto = Protocol(calib_data=str(corpus_file), nsamples=4, seqlen=32, eval_tokens=128)
+    text = write_report(run_dir, proto, ["wanda"]).read_text()
+    assert "## Under the full protocol" in text and "| wanda |" in text and "best program" in text
+    assert (run_dir / "report" / "best_fitness.png").exists() or any((run_dir / "report").glob("*.png"))
+    pruned = CliRunner().invoke(main, ["prune", "--program", f"{run_dir}:best", "--model", str(tiny_model_dir),
+                                       "--data", str(corpus_file), "--nsamples", "4", "--seqlen", "32",
+                                       "--eval-tokens", "128", "--json"])
+    assert pruned.exit_code == 0, pruned.output
+    assert '"sparsity": 0.5' in pruned.output
