@@ -78,12 +78,18 @@ def scaling_run(model_dir: str, run_root: Path, evaluators: int, cost: float, ev
                             queue_size=2 * evaluators, operators={"llm_init": 1.0}, eval_time_limit=120),
         evaluators=EvaluatorConfig(num=evaluators, num_cpus=0.25, fault_injection={"sleep_seconds": str(cost)}),
     ).validate()
+    from autoprune_ray.engine.storage import RunStore
+
     start = time.perf_counter()
     summary = run_search(cfg, progress=False)
     wall = time.perf_counter() - start
+    evals = RunStore(cfg.resolved_run_dir).read("evaluations")
+    # steady state: from the first evaluation's start to the last one's end (actor start-up excluded)
+    span = evals.finished.max() - (evals.finished - evals.seconds).min()
     return {"evaluators": evaluators, "evaluated": summary["evaluated"], "wall_seconds": wall,
-            "search_seconds": summary["seconds"],
-            "evaluations_per_second": summary["evaluated"] / summary["seconds"],
+            "search_seconds": summary["seconds"], "steady_seconds": float(span),
+            "evaluations_per_second": summary["evaluated"] / span,
+            "ideal_evaluations_per_second": evaluators / float(evals.seconds.mean()),
             "evaluator_utilization": summary["evaluator_utilization"],
             "overhead_per_candidate_seconds": summary["overhead_per_candidate"]}
 
@@ -111,14 +117,16 @@ def scaling(evaluators: str, cost: float, evaluations: int) -> None:
     ray.shutdown()
     result = {"benchmark": "evaluator scaling with a known cost per evaluation", "cost_seconds": cost,
               "machine": "2-core CPU, local Ray (num_cpus=2)", "rows": rows,
-              "note": "search_seconds includes actor start-up (model load and statistics) once per run"}
+              "note": "evaluations_per_second over the steady span (first evaluation start to last end); "
+                      "ideal = evaluators / mean evaluation seconds; search_seconds includes actor start-up"}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "engine-scaling-cpu.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 @main.command("local-run")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-def local_run(run_dir: str) -> None:
+@click.option("--note", default="", help="a remark stored with the result (e.g. the machine's load)")
+def local_run(run_dir: str, note: str) -> None:
     from autoprune_ray.engine.report import load_tables, status
     from autoprune_ray.engine.storage import RunStore
 
@@ -126,9 +134,10 @@ def local_run(run_dir: str) -> None:
     checkpoint = RunStore(run_dir).load_checkpoint() or {}
     prompts = RunStore(run_dir).read("prompts")
     ok = evals[evals.status == "ok"]
-    by_code = cands.set_index("candidate_id").code
-    wanda_ids = [i for i in ok.candidate_id if "W.abs() * A" in by_code.get(i, "") and "return" in by_code.get(i, "")]
-    result = {"run_dir": run_dir, "config": config, "summary": checkpoint.get("summary"), "status": status(run_dir),
+    from autoprune_ray.operators.seeds import score_seeds
+    wanda_hash = score_seeds()["wanda"].hash
+    wanda_ids = list(ok[ok.hash == wanda_hash].candidate_id)
+    result = {"run_dir": run_dir, "note": note, "config": config, "summary": checkpoint.get("summary"), "status": status(run_dir),
               "completions": len(prompts), "completion_tokens": int(prompts.tokens.fillna(0).sum()),
               "operators": cands.operator.value_counts().to_dict(),
               "wanda_seed_search_perplexity": float(ok.set_index("candidate_id").perplexity[wanda_ids[0]])

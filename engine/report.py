@@ -69,8 +69,9 @@ def plots(cands: pd.DataFrame, evals: pd.DataFrame, chain: list[dict], out: Path
     ok = evals[evals.status == "ok"].reset_index(drop=True)
     if len(ok):
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        order = evals.reset_index(drop=True)
-        best = order.perplexity.where(order.status == "ok").cummin()
+        order = evals.sort_values("finished").reset_index(drop=True)
+        # screened and failed evaluations leave the best so far unchanged (cummin keeps their NaN)
+        best = order.perplexity.where(order.status == "ok").cummin().ffill()
         ax.plot(range(1, len(order) + 1), best, drawstyle="steps-post")
         ax.set_xlabel("evaluations")
         ax.set_ylabel("best held-out perplexity")
@@ -167,7 +168,7 @@ def write_report(run_dir: str | Path, protocol=None, baselines: list[str] | None
         if protocol is not None:
             table = compare_with_baselines(config, programs, protocol, baselines or ["wanda", "magnitude"])
             table.to_parquet(out / "comparison.parquet")
-            lines += ["", "## Under the full protocol", "", _markdown(table[["method", "sparsity", "perplexity"]]), "",
+            lines += ["", "## Re-measured beside the baselines", "", _markdown(table[["method", "sparsity", "perplexity"]]), "",
                       _verdict(table), "",
                       f"Protocol: {table.iloc[0].nsamples}×{table.iloc[0].seqlen} calibration tokens of "
                       f"{table.iloc[0].calib_data}, sequential statistics, {table.iloc[0].eval_tokens} held-out "

@@ -171,7 +171,7 @@ def test_status_report_and_prune_with_the_best_program(ray_session, tmp_path, ti
     assert st["candidates"] >= 5 and 0 < st["valid_rate"] <= 1 and st["best"]["perplexity"] > 1
     proto = Protocol(calib_data=str(corpus_file), nsamples=4, seqlen=32, eval_tokens=128)
     text = write_report(run_dir, proto, ["wanda"]).read_text()
-    assert "## Under the full protocol" in text and "| wanda |" in text and "best program" in text
+    assert "## Re-measured beside the baselines" in text and "| wanda |" in text and "best program" in text
     assert (run_dir / "report" / "best_fitness.png").exists() or any((run_dir / "report").glob("*.png"))
     pruned = CliRunner().invoke(main, ["prune", "--program", f"{run_dir}:best", "--model", str(tiny_model_dir),
                                        "--data", str(corpus_file), "--nsamples", "4", "--seqlen", "32",
