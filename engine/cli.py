@@ -290,6 +290,49 @@ def report(run_dir, protocol_name, full_split, baselines):
     click.echo(f"written to {path}")
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--margin", default=0.01, show_default=True,
+              help="Least fitness gap (−log perplexity) for a pair of measured programs.")
+@click.option("--beta", default=0.1, show_default=True)
+@click.option("--lr", default=5e-5, show_default=True)
+@click.option("--epochs", default=1, show_default=True)
+@click.option("--model", default=None, help="Policy model (default: the run's policy.model).")
+@click.option("--out", default=None, help="Adapter directory (default: RUN_DIR/adapters/vN).")
+@clear_errors
+def dpo(run_dir, margin, beta, lr, epochs, model, out):
+    """Train the policy's LoRA adapter by DPO on a run's logged preference pairs.
+
+    The pairs (same prompt: a measurably better program against a worse one, or a valid one
+    against a rejected one) are written to RUN_DIR/preferences.parquet first.
+
+    \b
+    Examples:
+      autoprune-ray dpo runs/local
+      autoprune-ray dpo runs/local --beta 0.2 --epochs 2 --margin 0.02
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from autoprune_ray.compress.models import resolve_model_path
+    from autoprune_ray.engine.storage import RunStore
+    from autoprune_ray.llm.dpo import DPOConfig, train_dpo
+    from autoprune_ray.llm.preferences import preference_pairs
+
+    store = RunStore(run_dir)
+    pairs = preference_pairs(store.read("candidates"), store.read("evaluations"), store.read("prompts"), margin)
+    pairs.to_parquet(Path(run_dir) / "preferences.parquet")
+    if pairs.empty:
+        raise click.ClickException("this run has no preference pairs yet (it needs completions of one prompt "
+                                   "that differ in validity or measured fitness)")
+    path = resolve_model_path(model or store.read_config()["policy"]["model"])
+    adapters = Path(run_dir) / "adapters"
+    out = Path(out) if out else adapters / f"v{len(list(adapters.glob('v*'))) + 1}"
+    click.echo(f"{len(pairs)} pairs ({pairs.kind.value_counts().to_dict()}); training {out}")
+    metrics = train_dpo(AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path), pairs, out,
+                        DPOConfig(beta=beta, lr=lr, epochs=epochs))
+    click.echo(json.dumps({k: metrics[k] for k in ("train_pairs", "train", "held_out_before", "held_out")}, indent=1))
+
+
 def _parse_overrides(items) -> dict:
     import yaml
     out = {}

@@ -93,7 +93,9 @@ def test_resume_continues_without_repeating(ray_session, tmp_path, tiny_model_di
     cands, evals = tables(cfg)
     assert len(evals) == 9
     pending = set(first_cands[first_cands.status == "accepted"].candidate_id) - set(first_evals.candidate_id)
-    assert pending and pending <= set(evals.candidate_id), "the first run's pending candidates were evaluated"
+    resumed = set(evals.candidate_id.iloc[len(first_evals):])
+    # the stopped run's queue is dispatched first: as many of its candidates as evaluations allow
+    assert pending and len(resumed & pending) == min(len(pending), len(resumed))
     pd.testing.assert_frame_equal(cands.iloc[: len(first_cands)].reset_index(drop=True),
                                   first_cands.reset_index(drop=True))
     pd.testing.assert_frame_equal(evals.iloc[: len(first_evals)].reset_index(drop=True),
@@ -165,6 +167,9 @@ def test_status_report_and_prune_with_the_best_program(ray_session, tmp_path, ti
     from autoprune_ray.engine.report import status, write_report
 
     cfg = make_config(tmp_path, tiny_model_dir, corpus_file, name="r", max_evaluations=5)
+    # each prompt's two completions: a valid program, then a rejected one (a validity pair for DPO)
+    valid, invalid = [COMPLETIONS[i] for i in (0, 4, 5, 6, 7)], [COMPLETIONS[i] for i in (2, 3)]
+    cfg.policy.scripted = [text for k, good in enumerate(valid) for text in (good, invalid[k % 2])]
     run_search(cfg, progress=False)
     run_dir = cfg.resolved_run_dir
     st = status(run_dir)
@@ -178,3 +183,7 @@ def test_status_report_and_prune_with_the_best_program(ray_session, tmp_path, ti
                                        "--eval-tokens", "128", "--json"])
     assert pruned.exit_code == 0, pruned.output
     assert '"sparsity": 0.5' in pruned.output
+    trained = CliRunner().invoke(main, ["dpo", str(run_dir), "--model", str(tiny_model_dir), "--lr", "1e-3"])
+    assert trained.exit_code == 0, trained.output
+    assert (run_dir / "adapters" / "v1" / "metrics.json").exists()
+    assert (pd.read_parquet(run_dir / "preferences.parquet").kind == "validity").any()
