@@ -16,9 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import expr
-from .expr import MATRIX, Node, Shape
-
-ROWVEC_SHAPE, COLVEC_SHAPE = Shape(True, False), Shape(False, True)
+from .expr import COLVEC, MATRIX, ROWVEC, Node, Shape
 
 
 @dataclass(frozen=True)
@@ -95,9 +93,9 @@ def _op(node: Node, a: list[str]) -> str:
 def _load(i: int, leaf: Leaf) -> str:
     if leaf.shape == MATRIX:
         return f"tl.load(in{i} + BASE + OFFS, mask=VALID, other=0.0).to(tl.float32)"
-    if leaf.shape == COLVEC_SHAPE:
+    if leaf.shape == COLVEC:
         return f"tl.load(in{i} + OFFS, mask=VALID, other=0.0).to(tl.float32)"
-    if leaf.shape == ROWVEC_SHAPE:
+    if leaf.shape == ROWVEC:
         return f"tl.load(in{i} + ROW).to(tl.float32)"
     return f"tl.load(in{i}).to(tl.float32)"
 

@@ -21,8 +21,8 @@ from types import ModuleType
 import torch
 
 from . import expr
-from .codegen import COLVEC_SHAPE, ROWVEC_SHAPE, Leaf, generate
-from .expr import MATRIX, SCALAR, Node, Shape
+from .codegen import Leaf, generate
+from .expr import COLVEC, MATRIX, ROWVEC, SCALAR, Node, Shape
 from .select import check_sparsity, nm_mask, prune_count, row_mask
 
 BACKENDS = ("auto", "torch", "triton")
@@ -91,7 +91,7 @@ def _leaf_tensor(leaf: Leaf, env, memo, rows: int, cols: int, device) -> torch.T
     value = value.to(device)
     if leaf.shape == MATRIX:
         return value.expand(rows, cols).contiguous()
-    if leaf.shape in (COLVEC_SHAPE, ROWVEC_SHAPE):
+    if leaf.shape in (COLVEC, ROWVEC):
         return value.reshape(-1).float().contiguous()
     return value.reshape(1).float()
 
