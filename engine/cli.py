@@ -294,42 +294,54 @@ def report(run_dir, protocol_name, full_split, baselines):
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--margin", default=0.01, show_default=True,
               help="Least fitness gap (−log perplexity) for a pair of measured programs.")
+@click.option("--groupings", default="prompt,parents", show_default=True,
+              help="Pairs from the same prompt and/or prompts built from the same parents.")
 @click.option("--beta", default=0.1, show_default=True)
 @click.option("--lr", default=5e-5, show_default=True)
 @click.option("--epochs", default=1, show_default=True)
+@click.option("--reference", type=click.Choice(["base", "previous"]), default="base", show_default=True)
+@click.option("--continue-from", "init_adapter", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Continue from this adapter (e.g. the run's newest, RUN_DIR/adapters/v3).")
 @click.option("--model", default=None, help="Policy model (default: the run's policy.model).")
-@click.option("--out", default=None, help="Adapter directory (default: RUN_DIR/adapters/vN).")
+@click.option("--out", default=None, help="Adapter directory (default: RUN_DIR/adapters/offline-N).")
 @clear_errors
-def dpo(run_dir, margin, beta, lr, epochs, model, out):
-    """Train the policy's LoRA adapter by DPO on a run's logged preference pairs.
+def dpo(run_dir, margin, groupings, beta, lr, epochs, reference, init_adapter, model, out):
+    """Train the policy's LoRA adapter by DPO, offline, from a run's logged preference pairs.
 
-    The pairs (same prompt: a measurably better program against a worse one, or a valid one
-    against a rejected one) are written to RUN_DIR/preferences.parquet first.
+    The pairs are the run's `preferences` table, logged while it searched (same prompt or same
+    parents: a measurably better program against a worse one, a measured one against a failed
+    one, a valid one against a rejected one). Runs from before that table existed get their
+    pairs derived from the candidate tables, with the same rules.
 
     \b
     Examples:
       autoprune-ray dpo runs/local
-      autoprune-ray dpo runs/local --beta 0.2 --epochs 2 --margin 0.02
+      autoprune-ray dpo runs/local --beta 0.2 --epochs 2 --margin 0.02 --continue-from runs/local/adapters/v2
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from autoprune_ray.compress.models import resolve_model_path
     from autoprune_ray.engine.storage import RunStore
-    from autoprune_ray.llm.dpo import DPOConfig, train_dpo
-    from autoprune_ray.llm.preferences import preference_pairs
+    from autoprune_ray.llm.dpo import DPOConfig, train_round
+    from autoprune_ray.llm.preferences import PreferenceLog, replay
+
+    import pandas as pd
 
     store = RunStore(run_dir)
-    pairs = preference_pairs(store.read("candidates"), store.read("evaluations"), store.read("prompts"), margin)
-    pairs.to_parquet(Path(run_dir) / "preferences.parquet")
+    wanted = tuple(g.strip() for g in groupings.split(",") if g.strip())
+    pairs = store.read("preferences")
     if pairs.empty:
-        raise click.ClickException("this run has no preference pairs yet (it needs completions of one prompt "
-                                   "that differ in validity or measured fitness)")
-    path = resolve_model_path(model or store.read_config()["policy"]["model"])
+        pairs = pd.DataFrame(replay(PreferenceLog(margin, wanted), store.read("candidates"),
+                                    store.read("evaluations"), store.read("prompts")))
+        click.echo("no logged pairs (a run from before the preference log): derived from the tables")
+    if not pairs.empty:
+        pairs = pairs[pairs.grouping.isin(wanted) & ((pairs.kind != "fitness") | (pairs.gap > margin))]
+    if pairs.empty:
+        raise click.ClickException("this run has no preference pairs yet (it needs completions that differ in "
+                                   "validity or measured fitness)")
     adapters = Path(run_dir) / "adapters"
-    out = Path(out) if out else adapters / f"v{len(list(adapters.glob('v*'))) + 1}"
+    out = Path(out) if out else adapters / f"offline-{len(list(adapters.glob('offline-*'))) + 1}"
     click.echo(f"{len(pairs)} pairs ({pairs.kind.value_counts().to_dict()}); training {out}")
-    metrics = train_dpo(AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path), pairs, out,
-                        DPOConfig(beta=beta, lr=lr, epochs=epochs))
+    metrics = train_round(model or store.read_config()["policy"]["model"],
+                          pairs[["prompt", "chosen", "rejected"]].to_dict("records"), str(out),
+                          DPOConfig(beta=beta, lr=lr, epochs=epochs, reference=reference), init_adapter)
     click.echo(json.dumps({k: metrics[k] for k in ("train_pairs", "train", "held_out_before", "held_out")}, indent=1))
 
 

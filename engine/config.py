@@ -75,6 +75,35 @@ class EvaluatorConfig:
 
 
 @dataclass
+class DPOSettings:
+    """DPO rounds during the search: a LoRA adapter of the policy, trained on the logged pairs."""
+    enabled: bool = False
+    every_pairs: int = 16             # a round starts when this many new pairs have been logged
+    margin: float = 0.01              # least fitness gap (−log perplexity) of a fitness pair
+    groupings: list[str] = field(default_factory=lambda: ["prompt", "parents"])
+    max_pairs: int = 512              # a round trains on the newest pairs, at most this many
+    beta: float = 0.1
+    lr: float = 5e-5
+    epochs: int = 1
+    batch_size: int = 4
+    lora_r: int = 8
+    reference: str = "base"           # base: the adapter disabled; previous: the previous round's adapter
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    drain_seconds: float = 600.0      # at the end of a run, how long a running round may finish
+    seed: int = 0
+
+
+@dataclass
+class StrategySettings:
+    """The prompt-strategy controller: LLM operator × temperature, steered by preference pairs."""
+    enabled: bool = True
+    temperatures: list[float] | None = None   # None: policy.temperature alone
+    learning_rate: float = 0.2
+    exploration: float = 0.2
+
+
+@dataclass
 class RayConfig:
     address: str | None = None        # None: start a local instance
     num_cpus: int | None = None
@@ -91,6 +120,8 @@ class RunConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     evaluators: EvaluatorConfig = field(default_factory=EvaluatorConfig)
+    dpo: DPOSettings = field(default_factory=DPOSettings)
+    strategy: StrategySettings = field(default_factory=StrategySettings)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def validate(self) -> "RunConfig":
@@ -119,7 +150,20 @@ class RunConfig:
                "must lie between 0 and population_size")
         _check(self.search.eval_time_limit > 0, "search.eval_time_limit", "must be positive")
         _check(self.evaluators.num >= 1, "evaluators.num", "must be at least 1")
+        self._validate_dpo()
         return self
+
+    def _validate_dpo(self) -> None:
+        d, st = self.dpo, self.strategy
+        _check(d.every_pairs >= 1 and d.max_pairs >= 1, "dpo.every_pairs", "every_pairs and max_pairs must be >= 1")
+        _check(set(d.groupings) <= {"prompt", "parents"} and d.groupings, "dpo.groupings",
+               f"choose from prompt and parents, got {d.groupings}")
+        _check(d.reference in ("base", "previous"), "dpo.reference", f"base or previous, got {d.reference!r}")
+        _check(d.beta > 0 and d.lr > 0, "dpo.beta", "beta and lr must be positive")
+        _check(st.temperatures is None or (st.temperatures and all(t >= 0 for t in st.temperatures)),
+               "strategy.temperatures",
+               "a non-empty list of temperatures >= 0")
+        _check(0 <= st.exploration <= 1, "strategy.exploration", "must lie in [0, 1]")
 
     @property
     def resolved_run_dir(self) -> Path:

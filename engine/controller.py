@@ -28,6 +28,9 @@ from autoprune_ray.kernels.expr import walk
 from autoprune_ray.engine.database import Individual, Population, fitness_from_perplexity, subtree_features
 from autoprune_ray.engine.metrics import EngineMetrics
 from autoprune_ray.engine.storage import RunStore
+from autoprune_ray.llm import preferences as prefs
+from autoprune_ray.llm.dpo import DPOConfig
+from autoprune_ray.llm.strategy import StrategyController, strategy_name
 from autoprune_ray.operators import prompts as P
 from autoprune_ray.operators import symbolic
 from autoprune_ray.operators.language import Candidate, CandidateError, parse
@@ -66,6 +69,9 @@ class Search:
         self.next_id, self.evaluated, self.dispatched, self.prompt_counter = 0, 0, 0, 0
         self.stats = {"proposed": 0, "valid": 0, "tokens": 0, "busy_seconds": 0.0, "overhead_seconds": 0.0}
         self.t0 = time.time()
+        self.prefs = prefs.PreferenceLog(cfg.dpo.margin, tuple(cfg.dpo.groupings))
+        self.strategies = self._strategy_controller()
+        self.dpo = {"round": 0, "pairs": 0, "pairs_at_round": 0, "adapter": None}   # adapter: (version, path)
         # a local Population, or a synchronous handle to the `population` actor (same methods)
         self.population = population or Population(cfg.search.islands, cfg.search.population_size,
                                                    cfg.search.elites, cfg.search.migration_interval, cfg.search.seed)
@@ -74,15 +80,15 @@ class Search:
     # ------------------------------------------------------------------ records
     def _new_candidate(self, *, code: str, source: str, status: str, operator: str, island: int,
                        parents: list[int], reason: str = "", hash_: str = "", prompt_id: int | None = None,
-                       adapter: str | None = None, duplicate_of: int | None = None, granularity: str = "row"
-                       ) -> int:
+                       adapter: str | None = None, duplicate_of: int | None = None, granularity: str = "row",
+                       strategy: str | None = None) -> int:
         cid = self.next_id
         self.next_id += 1
         self.store.append("candidates", {
             "candidate_id": cid, "hash": hash_, "status": status, "reason": reason, "code": code,
             "source": source[:4000], "operator": operator, "island": island, "parents": parents,
             "prompt_id": prompt_id, "adapter": adapter, "duplicate_of": duplicate_of, "granularity": granularity,
-            "created": time.time() - self.t0})
+            "created": time.time() - self.t0, "strategy": strategy})
         for p in parents:
             self.store.append("lineage", {"child_id": cid, "parent_id": p, "operator": operator})
         self.stats["proposed"] += 1
@@ -92,28 +98,32 @@ class Search:
         return cid
 
     def propose(self, cand: Candidate | None, *, source: str, operator: str, island: int, parents: list[int],
-                reason: str = "", prompt_id: int | None = None, adapter: str | None = None) -> None:
-        """Record one proposal and queue it for evaluation when it is new and valid."""
+                reason: str = "", prompt_id: int | None = None, adapter: str | None = None,
+                strategy: str | None = None) -> tuple[int, str, int | None]:
+        """Record one proposal and queue it for evaluation when it is new and valid;
+        returns its id, status and the id it duplicates."""
         missing = self._unavailable_inputs(cand) if cand is not None else set()
         if missing:
             cand, reason = None, (f"this run collects no statistics for {', '.join(sorted(missing))}: "
                                   "G (gradient RMS) needs target.gradients: true")
         if cand is None:
-            self._new_candidate(code="", source=source, status="rejected", reason=reason, operator=operator,
-                                island=island, parents=parents, prompt_id=prompt_id, adapter=adapter)
-            return
+            cid = self._new_candidate(code="", source=source, status="rejected", reason=reason, operator=operator,
+                                      island=island, parents=parents, prompt_id=prompt_id, adapter=adapter,
+                                      strategy=strategy)
+            return cid, "rejected", None
         self.stats["valid"] += 1
         self.metrics.inc("valid")
         earlier = self.population.claim(cand.hash, self.next_id)
         status = "duplicate" if earlier is not None else "accepted"
         cid = self._new_candidate(code=cand.code, source=source, status=status, operator=operator, island=island,
                                   parents=parents, hash_=cand.hash, prompt_id=prompt_id, adapter=adapter,
-                                  duplicate_of=earlier, granularity=cand.granularity)
+                                  duplicate_of=earlier, granularity=cand.granularity, strategy=strategy)
         self.lineage[cid] = {"code": cand.code, "fitness": None, "parents": parents, "operator": operator}
         if status == "accepted":
             self.queue.append({"candidate_id": cid, "hash": cand.hash, "code": cand.code, "island": island,
                                "granularity": cand.granularity, "operator": operator, "parents": parents,
                                "attempts": 0})
+        return cid, status, earlier
 
     def _unavailable_inputs(self, cand: Candidate) -> set[str]:
         """Inputs the program reads that the evaluators do not collect (G without gradients)."""
@@ -138,6 +148,7 @@ class Search:
         if result.get("seconds"):
             self.metrics.observe_latency(result["seconds"])
         self._admit(job, row)
+        self._log_pairs(self.prefs.measured(job["candidate_id"], status, row["fitness"], row["finished"]))
 
     def _admit(self, job: dict, row: dict) -> None:
         """Replayable: the population is a function of the evaluation rows, in order."""
@@ -188,9 +199,84 @@ class Search:
                                    "island": int(r.island), "granularity": r.granularity, "operator": r.operator,
                                    "parents": list(r.parents), "attempts": 0})
         self.dispatched = self.evaluated
+        self._replay_preferences(cands, evals)
         log.info("resumed %s: %d candidates, %d evaluations, %d re-queued", self.run_dir, len(cands),
                  self.evaluated, len(self.queue))
         return True
+
+    def _replay_preferences(self, cands, evals) -> None:
+        """Rebuild the pair log, the strategy controller and the DPO state; log pairs a crash lost."""
+        logged = self.store.read("preferences")
+        replayed = prefs.replay(self.prefs, cands, evals, self.store.read("prompts"))
+        known = set(zip(logged.chosen_id, logged.rejected_id))
+        for pair in logged.to_dict("records"):
+            self.strategies.update(pair)
+        self.dpo["pairs"] = len(logged)
+        self._log_pairs([p for p in replayed if (p["chosen_id"], p["rejected_id"]) not in known])
+        rounds = self.store.read("adapters")
+        if not rounds.empty:
+            self.dpo["round"] = len(rounds)
+            self.dpo["pairs_at_round"] = int(rounds.pairs_total.max())
+            ok = rounds[rounds.status == "ok"]
+            if not ok.empty:
+                self.dpo["adapter"] = (ok.version.iloc[-1], ok.path.iloc[-1])
+
+    # ------------------------------------------------------------------ preferences, strategies, DPO
+    def _strategy_controller(self) -> StrategyController:
+        st, ops = self.cfg.strategy, self.cfg.search.operators
+        rates = {op: ops.get(op, 0.0) for op in LLM_OPERATORS if ops.get(op, 0.0) > 0} or {"llm_init": 1.0}
+        return StrategyController(rates, st.temperatures or [self.cfg.policy.temperature], st.enabled,
+                                  st.learning_rate, st.exploration)
+
+    def _log_pairs(self, pairs: list[dict]) -> None:
+        changed = False
+        for pair in pairs:
+            self.store.append("preferences", pair)
+            changed |= self.strategies.update(pair)
+        self.dpo["pairs"] += len(pairs)
+        if pairs:
+            self.metrics.inc("preference_pairs", len(pairs))
+        if changed:
+            now = time.time() - self.t0
+            for row in self.strategies.snapshot():
+                self.store.append("strategies", row | {"time": now, "evaluated": self.evaluated,
+                                                       "comparisons": self.strategies.comparisons})
+
+    def dpo_due(self) -> bool:
+        d = self.cfg.dpo
+        return d.enabled and self.dpo["pairs"] - self.dpo["pairs_at_round"] >= d.every_pairs
+
+    def next_dpo_round(self) -> dict:
+        """The next round's job: the newest pairs, where its adapter goes, what it continues from."""
+        d = self.cfg.dpo
+        self.store.flush()
+        pairs = self.store.read("preferences")
+        pairs = pairs[pairs.grouping.isin(d.groupings)].tail(d.max_pairs)
+        self.dpo["round"] += 1
+        self.dpo["pairs_at_round"] = self.dpo["pairs"]
+        version = f"v{self.dpo['round']}"
+        previous = self.dpo["adapter"]
+        return {"version": version, "round": self.dpo["round"], "path": str(self.run_dir / "adapters" / version),
+                "pairs": pairs[["prompt", "chosen", "rejected"]].to_dict("records"),
+                "pairs_total": self.dpo["pairs"], "init_adapter": previous[1] if previous else None,
+                "config": DPOConfig(beta=d.beta, lr=d.lr, epochs=d.epochs, batch_size=d.batch_size, lora_r=d.lora_r,
+                                    lora_alpha=2 * d.lora_r, reference=d.reference, seed=d.seed + self.dpo["round"]),
+                "started": time.time() - self.t0}
+
+    def record_dpo_round(self, job: dict, metrics: dict | None, error: str = "") -> None:
+        """One row per round; a good round's adapter becomes the one the policy serves."""
+        train, held = (metrics or {}).get("train", {}), (metrics or {}).get("held_out", {})
+        self.store.append("adapters", {
+            "version": job["version"], "path": job["path"], "round": job["round"],
+            "status": "failed" if metrics is None else "ok", "reason": error[:500],
+            "pairs_total": job["pairs_total"], "train_pairs": (metrics or {}).get("train_pairs"),
+            "heldout_pairs": held.get("pairs"), "train_loss": train.get("loss"),
+            "train_accuracy": train.get("reward_accuracy"), "heldout_loss": held.get("loss"),
+            "heldout_accuracy": held.get("reward_accuracy"), "heldout_margin": held.get("reward_margin"),
+            "started": job["started"], "finished": time.time() - self.t0})
+        if metrics is not None:
+            self.dpo["adapter"] = (job["version"], job["path"])
+        self.store.flush()
 
     # ------------------------------------------------------------------ proposals
     def seed_population(self) -> None:
@@ -201,13 +287,21 @@ class Search:
                 self.propose(cand, source=cand.code, operator="seed", island=self.population.next_island(),
                              parents=[])
 
-    def choose_operator(self) -> str:
+    def choose_operator(self) -> tuple[str, float | None]:
+        """An operator and, for an LLM operator, its temperature: LLM against symbolic by the
+        configured rates, then the LLM strategy from the strategy controller."""
         ops = self.cfg.search.operators
-        names = [k for k, v in ops.items() if v > 0]
-        op = self.rng.choices(names, weights=[ops[k] for k in names])[0]
-        if op != "llm_init" and not self.population.has_members():
-            return "llm_init" if op in LLM_OPERATORS else "symbolic_init"
-        return op
+        llm_rate = sum(v for k, v in ops.items() if k in LLM_OPERATORS)
+        names = ["llm"] * (llm_rate > 0) + [k for k, v in ops.items() if v > 0 and k not in LLM_OPERATORS]
+        weights = [llm_rate] * (llm_rate > 0) + [ops[k] for k in names if k != "llm"]
+        op = self.rng.choices(names, weights=weights)[0]
+        has_parents = self.population.has_members()
+        if op != "llm":
+            return (op if has_parents else "symbolic_init"), None
+        try:
+            return self.strategies.choose(self.rng, None if has_parents else ("llm_init",))
+        except ValueError:   # llm_init has rate 0 and there are no parents yet
+            return "llm_init", (self.cfg.strategy.temperatures or [self.cfg.policy.temperature])[0]
 
     def symbolic_child(self, op: str) -> None:
         island = self.population.next_island()
@@ -266,19 +360,26 @@ class Search:
     def handle_completions(self, meta: dict, completions: list[dict]) -> None:
         for comp in completions:
             idx = comp["prompt_index"]
-            prompt_id = meta["prompt_ids"][idx]
+            prompt_id, strategy = meta["prompt_ids"][idx], strategy_name(meta["ops"][idx], meta["temperatures"][idx])
             self.store.append("prompts", {"prompt_id": prompt_id, "operator": meta["ops"][idx],
                                           "island": meta["islands"][idx], "prompt": meta["prompts"][idx],
                                           "completion": comp["text"], "tokens": comp.get("tokens"),
-                                          "seconds": comp.get("seconds"), "adapter": comp.get("adapter")})
+                                          "seconds": comp.get("seconds"), "adapter": comp.get("adapter"),
+                                          "strategy": strategy})
             self.stats["tokens"] += comp.get("tokens") or 0
             try:
                 cand, reason = parse(comp["text"], self.cfg.task), ""
             except CandidateError as exc:
                 cand, reason = None, str(exc)
-            self.propose(cand, source=comp["text"], operator=meta["ops"][idx], island=meta["islands"][idx],
-                         parents=meta["parents"][idx], reason=reason, prompt_id=prompt_id,
-                         adapter=comp.get("adapter"))
+            cid, status, earlier = self.propose(
+                cand, source=comp["text"], operator=meta["ops"][idx], island=meta["islands"][idx],
+                parents=meta["parents"][idx], reason=reason, prompt_id=prompt_id, adapter=comp.get("adapter"),
+                strategy=strategy)
+            self._log_pairs(self.prefs.add(prefs.Completion(
+                candidate_id=cid, prompt_id=prompt_id, prompt=meta["prompts"][idx], source=comp["text"],
+                operator=meta["ops"][idx], island=meta["islands"][idx], parents=tuple(meta["parents"][idx]),
+                adapter=comp.get("adapter"), strategy=strategy, status=status, duplicate_of=earlier),
+                time.time() - self.t0))
 
     def next_prompt_id(self) -> int:
         self.prompt_counter += 1
@@ -307,7 +408,9 @@ class Search:
                 "pending": len(self.queue), "best_id": snap["best_id"], "best_perplexity": snap["best_perplexity"], "best_code": snap["best_code"],
                 "seconds": elapsed, "tokens_per_second": self.stats["tokens"] / max(elapsed, 1e-9),
                 "evaluator_utilization": self.stats["busy_seconds"] / max(elapsed * self.cfg.evaluators.num, 1e-9),
-                "overhead_per_candidate": self.stats["overhead_seconds"] / max(self.stats["proposed"], 1)}
+                "overhead_per_candidate": self.stats["overhead_seconds"] / max(self.stats["proposed"], 1),
+                "preference_pairs": self.dpo["pairs"], "dpo_rounds": self.dpo["round"],
+                "adapter": self.dpo["adapter"][0] if self.dpo["adapter"] else None}
 
 
 def _num(x):

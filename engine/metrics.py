@@ -16,8 +16,13 @@ class EngineMetrics:
         self.counters = {name: Counter(f"autoprune_candidates_{name}", description=f"candidates {name}",
                                        tag_keys=keys)
                          for name in ("proposed", "valid", "evaluated", "failed")}
+        self.counters["preference_pairs"] = Counter("autoprune_preference_pairs", description="preference pairs logged",
+                                                    tag_keys=keys)
+        self.counters["dpo_rounds"] = Counter("autoprune_dpo_rounds", description="DPO rounds finished",
+                                              tag_keys=keys)
         self.gauges = {name: Gauge(f"autoprune_{name}", description=name.replace("_", " "), tag_keys=keys)
-                       for name in ("best_fitness", "best_perplexity", "eval_queue_depth", "evaluators_busy")}
+                       for name in ("best_fitness", "best_perplexity", "eval_queue_depth", "evaluators_busy",
+                                     "adapter_round")}
         self.latency = Histogram("autoprune_eval_latency_seconds", description="seconds per evaluation",
                                  boundaries=[1, 5, 15, 30, 60, 120, 300, 600], tag_keys=keys)
 

@@ -20,11 +20,17 @@ class PolicyWorker:
         self.cfg = cfg
         self.backend = make_backend(cfg.backend, **backend_options(cfg))
 
-    def generate(self, prompts: list[str], seed: int | None = None) -> list[dict]:
-        completions = self.backend.generate(prompts, n=self.cfg.completions_per_prompt,
-                                            temperature=self.cfg.temperature,
-                                            max_new_tokens=self.cfg.max_new_tokens, seed=seed)
-        return [dataclasses.asdict(c) for c in completions]
+    def generate(self, prompts: list[str], seed: int | None = None,
+                 temperatures: list[float] | None = None) -> list[dict]:
+        """n completions per prompt; prompts sharing a temperature are sampled as one batch."""
+        temperatures = temperatures or [self.cfg.temperature] * len(prompts)
+        out = []
+        for t in sorted(set(temperatures)):
+            indices = [i for i, ti in enumerate(temperatures) if ti == t]
+            completions = self.backend.generate([prompts[i] for i in indices], n=self.cfg.completions_per_prompt,
+                                                temperature=t, max_new_tokens=self.cfg.max_new_tokens, seed=seed)
+            out += [dataclasses.asdict(c) | {"prompt_index": indices[c.prompt_index]} for c in completions]
+        return sorted(out, key=lambda c: c["prompt_index"])
 
     def load_adapter(self, path: str, version: str) -> str:
         self.backend.load_adapter(path, version)

@@ -173,8 +173,34 @@ def write_report(run_dir: str | Path, protocol=None, baselines: list[str] | None
                       f"Protocol: {table.iloc[0].nsamples}×{table.iloc[0].seqlen} calibration tokens of "
                       f"{table.iloc[0].calib_data}, sequential statistics, {table.iloc[0].eval_tokens} held-out "
                       f"tokens of {table.iloc[0].eval_data}."]
+    lines += policy_section(RunStore(run_dir), cands)
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return out / "report.md"
+
+
+def policy_section(store: RunStore, cands: pd.DataFrame) -> list[str]:
+    """Preference pairs, DPO rounds, valid rate by adapter, and the strategy controller's state."""
+    pairs, rounds, strategies = store.read("preferences"), store.read("adapters"), store.read("strategies")
+    if pairs.empty and rounds.empty:
+        return []
+    lines = ["", "## The policy: preference pairs, DPO rounds, prompt strategies", "",
+             f"{len(pairs)} preference pairs logged: {pairs.kind.value_counts().to_dict()} "
+             f"(by grouping {pairs.grouping.value_counts().to_dict()})."]
+    if not rounds.empty:
+        lines += ["", _markdown(rounds[["version", "status", "pairs_total", "train_pairs", "train_loss",
+                                        "train_accuracy", "heldout_pairs", "heldout_accuracy"]])]
+    written = cands[cands.prompt_id.notna()]
+    if len(written):
+        by_adapter = written.assign(adapter=written.adapter.fillna("base"), valid=written.status != "rejected")
+        table = by_adapter.groupby("adapter", sort=False).valid.agg(["count", "mean"]).reset_index()
+        lines += ["", "Valid rate of the policy's completions by the adapter that wrote them "
+                      "(later adapters also face later, harder prompts):", "",
+                  _markdown(table.rename(columns={"count": "completions", "mean": "valid_rate"}))]
+    if not strategies.empty:
+        last = strategies[strategies.time == strategies.time.max()]
+        lines += ["", f"Prompt-strategy controller after {int(last.comparisons.iloc[0])} comparisons:", "",
+                  _markdown(last[["strategy", "strength", "probability"]])]
+    return lines
 
 
 def _markdown(df: pd.DataFrame) -> str:

@@ -11,6 +11,7 @@ from autoprune_ray.engine.controller import LLM_OPERATORS, Inflight, Search
 from autoprune_ray.engine.database import Population
 from autoprune_ray.engine.evaluator import EvaluatorWorker
 from autoprune_ray.engine.policy import PolicyWorker
+from autoprune_ray.llm.dpo import train_round
 
 log = logging.getLogger("autoprune_ray.engine")
 MAX_ATTEMPTS = 3          # a candidate whose evaluator died this often is recorded as failed
@@ -75,6 +76,7 @@ def run_search(cfg: RunConfig, resume: bool = False, progress: bool = True) -> d
         raise
     if not search.resumed:
         search.seed_population()
+    _serve_adapter(search, pool)   # a resumed run's policy serves the newest adapter from its first batch
     try:
         reason = _loop(search, pool)
         _drain_and_close(search, pool)
@@ -108,6 +110,7 @@ def _loop(search: Search, pool: ActorPool) -> str:
                 generating = False
             since_checkpoint += _collect(search, pool, ref, call)
         _enforce_time_limits(search, pool)
+        _maybe_train(search, pool)
         if since_checkpoint >= cfg.search.checkpoint_every:
             search.store.save_checkpoint({"summary": search.summary(), "next_id": search.next_id})
             since_checkpoint = 0
@@ -125,21 +128,19 @@ def _loop(search: Search, pool: ActorPool) -> str:
 
 def _request_generation(search: Search, pool: ActorPool) -> bool:
     """Fill one batch of prompts; symbolic operators add their children straight to the queue."""
-    meta = {"prompts": [], "ops": [], "islands": [], "parents": [], "prompt_ids": []}
+    meta = {"prompts": [], "ops": [], "islands": [], "parents": [], "prompt_ids": [], "temperatures": []}
     for _ in range(search.cfg.policy.prompts_per_batch):
-        op = search.choose_operator()
+        op, temperature = search.choose_operator()
         if op in LLM_OPERATORS:
             prompt, island, parents = search.build_prompt(op)
-            meta["prompts"].append(prompt)
-            meta["ops"].append(op)
-            meta["islands"].append(island)
-            meta["parents"].append(parents)
-            meta["prompt_ids"].append(search.next_prompt_id())
+            for key, value in zip(("prompts", "ops", "islands", "parents", "prompt_ids", "temperatures"),
+                                  (prompt, op, island, parents, search.next_prompt_id(), temperature)):
+                meta[key].append(value)
         else:
             search.symbolic_child(op)
     if not meta["prompts"]:
         return False
-    ref = pool.policy.generate.remote(meta["prompts"], search.rng.randrange(2 ** 31))
+    ref = pool.policy.generate.remote(meta["prompts"], search.rng.randrange(2 ** 31), meta["temperatures"])
     pool.inflight[ref] = Inflight("generate", None, time.time(), meta)
     return True
 
@@ -155,6 +156,9 @@ def _dispatch(search: Search, pool: ActorPool) -> None:
 
 
 def _collect(search: Search, pool: ActorPool, ref, call: Inflight) -> int:
+    if call.kind == "dpo":
+        _finish_round(search, pool, ref, call)
+        return 0
     try:
         result = ray.get(ref)
     except ray.exceptions.RayActorError as exc:
@@ -176,6 +180,7 @@ def _collect(search: Search, pool: ActorPool, ref, call: Inflight) -> int:
 def _actor_died(search: Search, pool: ActorPool, call: Inflight, exc) -> int:
     if call.kind == "generate":
         log.warning("policy actor died (%s); it restarts and the batch is asked again", type(exc).__name__)
+        _serve_adapter(search, pool)   # the restarted actor starts from the base model
         return 0
     if call.kind == "eval":
         job = call.payload
@@ -214,16 +219,56 @@ def _enforce_time_limits(search: Search, pool: ActorPool) -> None:
         _ping_later(pool, call.worker)
 
 
+def _maybe_train(search: Search, pool: ActorPool) -> None:
+    """Start a DPO round as a Ray task when enough new pairs are logged; the search goes on."""
+    if not search.dpo_due() or any(c.kind == "dpo" for c in pool.inflight.values()):
+        return
+    job = search.next_dpo_round()
+    d = search.cfg.dpo
+    task = ray.remote(train_round).options(num_cpus=d.num_cpus, num_gpus=d.num_gpus, max_retries=0,
+                                           name=f"{search.cfg.name}:dpo-{job['version']}")
+    ref = task.remote(search.cfg.policy.model, job["pairs"], job["path"], job["config"], job["init_adapter"])
+    pool.inflight[ref] = Inflight("dpo", None, time.time(), job)
+    log.info("DPO round %s started on %d pairs", job["version"], len(job["pairs"]))
+
+
+def _finish_round(search: Search, pool: ActorPool, ref, call: Inflight) -> None:
+    job = call.payload
+    try:
+        metrics, error = ray.get(ref), ""
+    except ray.exceptions.RayError as exc:   # a failed round is recorded; the search goes on
+        metrics, error = None, f"{type(exc).__name__}: {exc}"
+        log.warning("DPO round %s failed: %s", job["version"], error[:300])
+    search.record_dpo_round(job, metrics, error)
+    if metrics is not None:
+        search.metrics.inc("dpo_rounds")
+        search.metrics.set("adapter_round", job["round"])
+        _serve_adapter(search, pool)
+
+
+def _serve_adapter(search: Search, pool: ActorPool) -> None:
+    """Hot-load the newest adapter into the policy actor; later generate calls use it (actor
+    calls from one caller run in order)."""
+    if search.dpo["adapter"] is not None:
+        version, path = search.dpo["adapter"]
+        pool.policy.load_adapter.remote(path, version)
+
+
 def _drain_and_close(search: Search, pool: ActorPool) -> None:
-    """Finish in-flight evaluations (bounded by the time limit) and flush; queued candidates stay pending."""
-    deadline = time.time() + search.cfg.search.eval_time_limit
-    while any(c.kind == "eval" for c in pool.inflight.values()) and time.time() < deadline:
+    """Finish in-flight evaluations (bounded by the time limit) and a running DPO round (bounded
+    by dpo.drain_seconds), then flush; queued candidates stay pending."""
+    now = time.time()
+    deadline = {"eval": now + search.cfg.search.eval_time_limit, "dpo": now + search.cfg.dpo.drain_seconds}
+    while any(c.kind in deadline and time.time() < deadline[c.kind] for c in pool.inflight.values()):
         ready, _ = ray.wait(list(pool.inflight), num_returns=1, timeout=1.0)
         for ref in ready:
             call = pool.inflight.pop(ref)
-            if call.kind == "eval":
+            if call.kind in deadline:
                 _collect(search, pool, ref, call)
         _enforce_time_limits(search, pool)
+    for ref, call in list(pool.inflight.items()):
+        if call.kind == "dpo":   # not recorded: a resumed run trains this round again
+            ray.cancel(ref, force=True)
     if search.queue:
         # Left as accepted and unevaluated: a resumed run evaluates them, so no program is lost to a stop.
         log.info("%d accepted candidates are pending evaluation", len(search.queue))

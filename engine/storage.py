@@ -1,7 +1,9 @@
 """The run directory: resolved config, append-only Parquet tables, checkpoints.
 
     RUN_DIR/config.yaml            the resolved configuration
-    RUN_DIR/tables/<table>/part-*.parquet   candidates, evaluations, lineage, prompts
+    RUN_DIR/tables/<table>/part-*.parquet   candidates, evaluations, lineage, prompts,
+                                            preferences, adapters, strategies (DPO)
+    RUN_DIR/adapters/v<k>/         LoRA adapters trained by DPO rounds
     RUN_DIR/checkpoint.json        counters; the population itself is replayed from the tables
 
 Every file is written to a temporary name and renamed, so a crash mid-write never leaves a
@@ -25,14 +27,32 @@ SCHEMAS = {
     "candidates": pa.schema([("candidate_id", _INT), ("hash", _STR), ("status", _STR), ("reason", _STR),
                              ("code", _STR), ("source", _STR), ("operator", _STR), ("island", _INT),
                              ("parents", pa.list_(_INT)), ("prompt_id", _INT), ("adapter", _STR),
-                             ("duplicate_of", _INT), ("granularity", _STR), ("created", _FLOAT)]),
+                             ("duplicate_of", _INT), ("granularity", _STR), ("created", _FLOAT),
+                             ("strategy", _STR)]),
     "evaluations": pa.schema([("candidate_id", _INT), ("hash", _STR), ("status", _STR), ("proxy", _FLOAT),
                               ("perplexity", _FLOAT), ("fitness", _FLOAT), ("sparsity", _FLOAT),
                               ("seconds", _FLOAT), ("worker", _INT), ("reason", _STR), ("attempts", _INT),
                               ("finished", _FLOAT)]),
     "lineage": pa.schema([("child_id", _INT), ("parent_id", _INT), ("operator", _STR)]),
     "prompts": pa.schema([("prompt_id", _INT), ("operator", _STR), ("island", _INT), ("prompt", _STR),
-                          ("completion", _STR), ("tokens", _INT), ("seconds", _FLOAT), ("adapter", _STR)]),
+                          ("completion", _STR), ("tokens", _INT), ("seconds", _FLOAT), ("adapter", _STR),
+                          ("strategy", _STR)]),
+    # DPO: every preference pair once, as it was logged (llm/preferences.py has the columns' meaning)
+    "preferences": pa.schema([("prompt_id", _INT), ("prompt", _STR), ("chosen", _STR), ("rejected", _STR),
+                              ("chosen_fitness", _FLOAT), ("rejected_fitness", _FLOAT), ("gap", _FLOAT),
+                              ("kind", _STR), ("grouping", _STR), ("operator", _STR), ("island", _INT),
+                              ("chosen_adapter", _STR), ("rejected_adapter", _STR), ("chosen_strategy", _STR),
+                              ("rejected_strategy", _STR), ("chosen_id", _INT), ("rejected_id", _INT),
+                              ("time", _FLOAT)]),
+    # one row per DPO round: the adapter it wrote and its training metrics
+    "adapters": pa.schema([("version", _STR), ("path", _STR), ("round", _INT), ("status", _STR), ("reason", _STR),
+                           ("pairs_total", _INT), ("train_pairs", _INT), ("heldout_pairs", _INT),
+                           ("train_loss", _FLOAT), ("train_accuracy", _FLOAT), ("heldout_loss", _FLOAT),
+                           ("heldout_accuracy", _FLOAT), ("heldout_margin", _FLOAT), ("started", _FLOAT),
+                           ("finished", _FLOAT)]),
+    # the prompt-strategy controller after each change
+    "strategies": pa.schema([("time", _FLOAT), ("evaluated", _INT), ("comparisons", _INT), ("strategy", _STR),
+                             ("strength", _FLOAT), ("probability", _FLOAT)]),
 }
 TABLES = tuple(SCHEMAS)
 
@@ -93,5 +113,15 @@ class RunStore:
         tables = [pq.read_table(p) for p in parts]
         if self.buffers[table]:
             tables.append(pa.Table.from_pylist(self.buffers[table], schema=SCHEMAS[table]))
-        tables = [t.cast(SCHEMAS[table]) if t.schema != SCHEMAS[table] else t for t in tables]
+        tables = [_conform(t, SCHEMAS[table]) for t in tables]
         return pa.concat_tables(tables or [SCHEMAS[table].empty_table()]).to_pandas()
+
+
+def _conform(t: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A part written by an older version: missing columns read as nulls, types as the schema's."""
+    if t.schema == schema:
+        return t
+    for name in schema.names:
+        if name not in t.column_names:
+            t = t.append_column(name, pa.nulls(len(t), schema.field(name).type))
+    return t.select(schema.names).cast(schema)

@@ -3,15 +3,19 @@
     loss = −log σ(β[(log π(y⁺|x) − log π_ref(y⁺|x)) − (log π(y⁻|x) − log π_ref(y⁻|x))])
 
 Each log-probability is the sum over the completion's tokens, the prompt formatted exactly as
-the policy saw it (its chat template). The reference is the same model with the adapter
-disabled, so one model in memory serves both. A compact loss rather than TRL's trainer: the
+the policy saw it (its chat template). One model in memory serves policy and reference: the
+reference is the base with the adapter disabled (`reference="base"`), or the adapter as it was
+loaded before this round's first step (`reference="previous"`: the previous round's adapter).
+A round continues from the previous round's adapter when one is given. A compact loss rather than TRL's trainer: the
 pairs are few and short, and the loss is tested against hand-computed values.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,6 +37,7 @@ class DPOConfig:
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     max_length: int = 512          # tokens of prompt + completion; the prompt is cut from the left
     holdout: float = 0.2           # share of pairs held out for the accuracy metric
+    reference: str = "base"        # base | previous
     seed: int = 0
 
 
@@ -91,7 +96,8 @@ def _pair_logps(model, tokenizer, pairs: pd.DataFrame, cfg: DPOConfig) -> tuple[
 
 
 def _reference_logps(model, tokenizer, pairs: pd.DataFrame, cfg: DPOConfig):
-    with torch.no_grad(), model.disable_adapter():
+    """Log-probabilities of the frozen reference; computed once, before any update."""
+    with torch.no_grad(), (model.disable_adapter() if cfg.reference == "base" else contextlib.nullcontext()):
         parts = [_pair_logps(model, tokenizer, pairs.iloc[i:i + cfg.batch_size], cfg)
                  for i in range(0, len(pairs), cfg.batch_size)]
     return torch.cat([c for c, _ in parts]), torch.cat([r for _, r in parts])
@@ -107,20 +113,30 @@ def _evaluate(model, tokenizer, pairs: pd.DataFrame, ref, cfg: DPOConfig) -> dic
             "reward_margin": float((rc - rr).mean())}
 
 
-def train_dpo(model, tokenizer, pairs: pd.DataFrame, out_dir: str | Path, cfg: DPOConfig = DPOConfig(),
-              on_step=None) -> dict:
-    """Train a LoRA adapter on `pairs` (prompt, chosen, rejected), save it with metrics.json."""
-    from peft import LoraConfig, get_peft_model
+def _with_adapter(model, cfg: DPOConfig, init_adapter: str | Path | None):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    if init_adapter is not None:
+        return PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+    return get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                            target_modules=list(cfg.target_modules), lora_dropout=0.0))
 
+
+def train_dpo(model, tokenizer, pairs: pd.DataFrame, out_dir: str | Path, cfg: DPOConfig = DPOConfig(),
+              on_step=None, init_adapter: str | Path | None = None) -> dict:
+    """Train a LoRA adapter on `pairs` (prompt, chosen, rejected), save it with metrics.json.
+
+    `init_adapter`: continue from this saved adapter (the previous round's) instead of a fresh one.
+    The directory appears whole or not at all."""
     if pairs.empty:
         raise ValueError("no preference pairs to train on")
+    if cfg.reference not in ("base", "previous"):
+        raise ValueError(f"reference must be base or previous, got {cfg.reference!r}")
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     pairs = pairs.sample(frac=1.0, random_state=cfg.seed).reset_index(drop=True)
     n_hold = int(len(pairs) * cfg.holdout) if len(pairs) >= 5 else 0
     held, train = pairs.iloc[:n_hold], pairs.iloc[n_hold:].reset_index(drop=True)
-    peft_model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                                  target_modules=list(cfg.target_modules), lora_dropout=0.0))
+    peft_model = _with_adapter(model, cfg, init_adapter)
     peft_model.train()
     ref_train = _reference_logps(peft_model, tokenizer, train, cfg)
     ref_held = _reference_logps(peft_model, tokenizer, held, cfg) if n_hold else None
@@ -142,8 +158,28 @@ def train_dpo(model, tokenizer, pairs: pd.DataFrame, out_dir: str | Path, cfg: D
                "train": _evaluate(peft_model, tokenizer, train, ref_train, cfg),
                "held_out_before": before,
                "held_out": _evaluate(peft_model, tokenizer, held, ref_held, cfg) if n_hold else {"pairs": 0},
-               "initial_loss": math.log(2)}
+               "initial_loss": math.log(2), "init_adapter": None if init_adapter is None else str(init_adapter)}
     out = Path(out_dir)
-    peft_model.save_pretrained(out)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    peft_model.save_pretrained(tmp)
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
     return metrics
+
+
+def train_round(model: str, pairs: list[dict], out_dir: str, cfg: DPOConfig,
+                init_adapter: str | None = None) -> dict:
+    """One DPO round from scratch in a fresh process (a Ray task): load the policy's base model,
+    train, save the adapter; returns the round's metrics."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from autoprune_ray.compress.models import default_device, resolve_model_path
+
+    path = resolve_model_path(model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    net = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(default_device())
+    return train_dpo(net, tokenizer, pd.DataFrame(pairs), out_dir, cfg, init_adapter=init_adapter)

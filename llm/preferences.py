@@ -1,61 +1,163 @@
-"""Preference pairs from a run's tables: what DPO learns from.
+"""Preference pairs: what DPO and the prompt-strategy controller learn from.
 
-Two kinds, both between completions of the *same prompt*, so the pair differs only in what the
-policy wrote:
-  * fitness: both programs were measured (perplexity) and one beat the other by more than
-    `margin` in fitness (−log perplexity, so the margin is a relative perplexity gap);
-  * validity: one completion parsed into a valid program and the other was rejected, which
-    teaches the language itself.
-A duplicate inherits the fitness of the program it duplicates.
+A pair is two policy completions written in the same context, where one measurably beat the
+other. The context ("grouping") is either the same prompt, or prompts built from the same
+parents (then the pair's prompt is the chosen completion's). Three kinds:
+  * validity: one completion parsed into a valid program, the other was rejected; teaches the
+    language itself;
+  * failure: both valid, one measured and the other failed its evaluation (NaN, shape error, ...);
+  * fitness: both measured (perplexity), and one beat the other by more than `margin` in fitness
+    (−log perplexity, so the margin is a relative perplexity gap).
+A duplicate inherits the outcome of the program it duplicates.
+
+`PreferenceLog` is incremental: the engine feeds it completions and evaluation outcomes as they
+arrive and logs each new pair once. `preference_pairs` replays a run's tables through it, so the
+pairs logged during a run and those derived afterwards are the same set.
 """
 from __future__ import annotations
 
-import itertools
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
 
 import pandas as pd
 
 COLUMNS = ["prompt_id", "prompt", "chosen", "rejected", "chosen_fitness", "rejected_fitness", "gap", "kind",
-           "operator", "island", "chosen_adapter", "rejected_adapter", "chosen_id", "rejected_id"]
+           "grouping", "operator", "island", "chosen_adapter", "rejected_adapter", "chosen_strategy",
+           "rejected_strategy", "chosen_id", "rejected_id", "time"]
+_RANK = {"rejected": 0, "failed": 1, "ok": 2}   # a measured program beats a failed one beats a rejected one
+_PENDING = "valid"                               # valid, not measured (yet): it only beats a rejected one
 
 
-def _completions(cands: pd.DataFrame, evals: pd.DataFrame, prompts: pd.DataFrame) -> pd.DataFrame:
-    """One row per policy completion: its prompt, text, validity and fitness (None if unmeasured)."""
-    from_policy = cands[cands.prompt_id.notna()].copy()
-    fitness = evals[evals.status == "ok"].set_index("candidate_id").fitness.to_dict()
-    own = from_policy.candidate_id.map(fitness)
-    inherited = from_policy.duplicate_of.map(lambda d: fitness.get(int(d)) if pd.notna(d) else None)
-    from_policy["fitness"] = own.fillna(inherited)
-    from_policy["valid"] = from_policy.status != "rejected"
-    texts = prompts.drop_duplicates("prompt_id").set_index("prompt_id")[["prompt"]]
-    return from_policy.join(texts, on="prompt_id")
+@dataclass
+class Completion:
+    candidate_id: int
+    prompt_id: int
+    prompt: str
+    source: str
+    operator: str
+    island: int
+    parents: tuple[int, ...]
+    adapter: str | None
+    strategy: str | None
+    status: str                         # rejected | accepted | duplicate
+    duplicate_of: int | None = None
+    outcome: str = _PENDING             # rejected | valid (unmeasured) | failed | ok
+    fitness: float | None = None
+    groups: list[tuple] = field(default_factory=list)
 
 
-def preference_pairs(cands: pd.DataFrame, evals: pd.DataFrame, prompts: pd.DataFrame,
-                     margin: float = 0.01) -> pd.DataFrame:
+class PreferenceLog:
+    def __init__(self, margin: float = 0.01, groupings: tuple[str, ...] = ("prompt", "parents")):
+        unknown = set(groupings) - {"prompt", "parents"}
+        if unknown:
+            raise ValueError(f"unknown preference grouping(s) {sorted(unknown)}: use prompt and/or parents")
+        self.margin, self.groupings = margin, tuple(groupings)
+        self.by_id: dict[int, Completion] = {}
+        self.groups: dict[tuple, list[Completion]] = defaultdict(list)
+        self.outcomes: dict[int, tuple[str, float | None]] = {}   # any candidate's measured outcome
+        self.copies: dict[int, list[Completion]] = defaultdict(list)  # original id -> duplicates of it
+        self.emitted: set[tuple[int, int]] = set()
+
+    # ------------------------------------------------------------------ feeding
+    def add(self, c: Completion, now: float = 0.0) -> list[dict]:
+        """A new completion; returns the pairs it completes."""
+        self.by_id[c.candidate_id] = c
+        if c.status == "rejected":
+            c.outcome = "rejected"
+        else:
+            original = c.duplicate_of if c.status == "duplicate" and c.duplicate_of is not None else c.candidate_id
+            if original != c.candidate_id:
+                self.copies[original].append(c)
+            c.outcome, c.fitness = self.outcomes.get(original, (_PENDING, None))
+        c.groups = [("prompt", c.prompt_id)] if "prompt" in self.groupings else []
+        if "parents" in self.groupings and c.parents:
+            c.groups.append(("parents", tuple(sorted(c.parents))))
+        for g in c.groups:
+            self.groups[g].append(c)
+        return self._pairs_of(c, now)
+
+    def measured(self, candidate_id: int, status: str, fitness: float | None, now: float = 0.0) -> list[dict]:
+        """An evaluation outcome (ok / failed / timeout; screened counts as unmeasured)."""
+        outcome = {"ok": "ok", "failed": "failed", "timeout": "failed"}.get(status)
+        if outcome is None or (outcome == "ok" and (fitness is None or not math.isfinite(fitness))):
+            return []
+        self.outcomes[candidate_id] = (outcome, fitness if outcome == "ok" else None)
+        touched = [c for c in [self.by_id.get(candidate_id), *self.copies.get(candidate_id, [])] if c is not None]
+        pairs = []
+        for c in touched:
+            c.outcome, c.fitness = self.outcomes[candidate_id]
+            pairs += self._pairs_of(c, now)
+        return pairs
+
+    # ------------------------------------------------------------------ pairing
+    def _pairs_of(self, c: Completion, now: float) -> list[dict]:
+        out = []
+        for g in c.groups:
+            for other in self.groups[g]:
+                if other is c:
+                    continue
+                pair = self._pair(c, other, g[0], now)
+                if pair is not None:
+                    out.append(pair)
+        return out
+
+    def _pair(self, a: Completion, b: Completion, grouping: str, now: float) -> dict | None:
+        if _PENDING in (a.outcome, b.outcome) and "rejected" not in (a.outcome, b.outcome):
+            return None
+        if a.outcome != b.outcome:
+            good, bad = (a, b) if _RANK.get(a.outcome, 1) > _RANK.get(b.outcome, 1) else (b, a)
+            kind, gap = ("validity" if bad.outcome == "rejected" else "failure"), None
+        elif a.outcome == "ok" and abs(a.fitness - b.fitness) > self.margin:
+            good, bad = (a, b) if a.fitness > b.fitness else (b, a)
+            kind, gap = "fitness", float(good.fitness - bad.fitness)
+        else:
+            return None
+        key = (good.candidate_id, bad.candidate_id)
+        if key in self.emitted or (bad.candidate_id, good.candidate_id) in self.emitted:
+            return None
+        self.emitted.add(key)
+        return {"prompt_id": good.prompt_id, "prompt": good.prompt, "chosen": good.source, "rejected": bad.source,
+                "chosen_fitness": good.fitness, "rejected_fitness": bad.fitness, "gap": gap, "kind": kind,
+                "grouping": grouping, "operator": good.operator, "island": int(good.island),
+                "chosen_adapter": good.adapter, "rejected_adapter": bad.adapter, "chosen_strategy": good.strategy,
+                "rejected_strategy": bad.strategy, "chosen_id": good.candidate_id, "rejected_id": bad.candidate_id,
+                "time": float(now)}
+
+
+# ---------------------------------------------------------------- from a run's tables
+
+def completions_from_tables(cands: pd.DataFrame, prompts: pd.DataFrame) -> list[Completion]:
+    """The policy's completions in the order they were recorded."""
+    texts = prompts.drop_duplicates("prompt_id").set_index("prompt_id").prompt.to_dict()
+    rows = cands[cands.prompt_id.notna()].sort_values("candidate_id")
+    return [Completion(candidate_id=int(r.candidate_id), prompt_id=int(r.prompt_id), prompt=texts.get(r.prompt_id, ""),
+                       source=r.source, operator=r.operator, island=int(r.island),
+                       parents=tuple(int(p) for p in _list(getattr(r, "parents", None))),
+                       adapter=_str(r.adapter), strategy=_str(getattr(r, "strategy", None)), status=r.status,
+                       duplicate_of=None if pd.isna(r.duplicate_of) else int(r.duplicate_of))
+            for r in rows.itertuples(index=False)]
+
+
+def replay(log: PreferenceLog, cands: pd.DataFrame, evals: pd.DataFrame, prompts: pd.DataFrame) -> list[dict]:
+    """Feed a run's completions, then its evaluations in order, through `log`; the pairs, in order."""
+    pairs = []
+    for c in completions_from_tables(cands, prompts):
+        pairs += log.add(c)
+    for e in evals.itertuples(index=False):
+        pairs += log.measured(int(e.candidate_id), e.status, None if pd.isna(e.fitness) else float(e.fitness))
+    return pairs
+
+
+def preference_pairs(cands: pd.DataFrame, evals: pd.DataFrame, prompts: pd.DataFrame, margin: float = 0.01,
+                     groupings: tuple[str, ...] = ("prompt",)) -> pd.DataFrame:
     """All pairs of one run; `margin` is the least fitness gap of a fitness pair."""
-    rows = []
-    for prompt_id, group in _completions(cands, evals, prompts).groupby("prompt_id"):
-        for a, b in itertools.combinations(group.itertuples(index=False), 2):
-            pair = _pair(a, b, margin)
-            if pair is not None:
-                rows.append(pair | {"prompt_id": int(prompt_id)})
-    return pd.DataFrame(rows, columns=COLUMNS)
+    return pd.DataFrame(replay(PreferenceLog(margin, groupings), cands, evals, prompts), columns=COLUMNS)
 
 
-def _pair(a, b, margin: float) -> dict | None:
-    if a.valid != b.valid:
-        good, bad = (a, b) if a.valid else (b, a)
-        kind, gap = "validity", None
-    elif pd.notna(a.fitness) and pd.notna(b.fitness) and abs(a.fitness - b.fitness) > margin:
-        good, bad = (a, b) if a.fitness > b.fitness else (b, a)
-        kind, gap = "fitness", float(good.fitness - bad.fitness)
-    else:
-        return None
-    return {"prompt": good.prompt, "chosen": good.source, "rejected": bad.source,
-            "chosen_fitness": _num(good.fitness), "rejected_fitness": _num(bad.fitness), "gap": gap, "kind": kind,
-            "operator": good.operator, "island": int(good.island), "chosen_adapter": good.adapter,
-            "rejected_adapter": bad.adapter, "chosen_id": int(good.candidate_id), "rejected_id": int(bad.candidate_id)}
+def _list(x) -> list:
+    return [] if x is None or (isinstance(x, float) and math.isnan(x)) else list(x)
 
 
-def _num(x) -> float | None:
-    return None if pd.isna(x) else float(x)
+def _str(x) -> str | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else str(x)

@@ -95,3 +95,108 @@ def test_training_prefers_chosen_and_the_adapter_hot_loads(tiny, tiny_model_dir,
     backend.load_adapter(tmp_path / "v1", "dpo-1")
     tuned = completion_logps(backend.model, backend.tokenizer, ["write a metric"], [" abs W times A"])
     assert tuned.item() > base.item() and backend.adapter_version == "dpo-1"
+
+
+# ---------------------------------------------------------------- the incremental pair log
+
+def completion(cid, prompt_id, source, status="accepted", parents=(), strategy="llm_mutate@0.8", duplicate_of=None):
+    from autoprune_ray.llm.preferences import Completion
+    return Completion(candidate_id=cid, prompt_id=prompt_id, prompt=f"prompt {prompt_id}", source=source,
+                      operator="llm_mutate", island=0, parents=tuple(parents), adapter=None, strategy=strategy,
+                      status=status, duplicate_of=duplicate_of)
+
+
+def test_pair_log_pairs_each_outcome_once_as_it_arrives():
+    from autoprune_ray.llm.preferences import PreferenceLog
+    log = PreferenceLog(margin=0.01, groupings=("prompt", "parents"))
+    kinds = lambda ps: [(p["chosen"], p["rejected"], p["kind"], p["grouping"]) for p in ps]  # noqa: E731
+    assert log.add(completion(1, 1, "a", parents=[7])) == []                 # nothing to compare yet
+    # same prompt and same parents: one pair, not two
+    assert kinds(log.add(completion(2, 1, "junk", status="rejected", parents=[7]))) == [
+        ("a", "junk", "validity", "prompt")]
+    # another prompt built from the same parent, by another strategy: valid, so it beats junk at once
+    assert kinds(log.add(completion(3, 2, "b", parents=[7], strategy="gcot@1"))) == [
+        ("b", "junk", "validity", "parents")]
+    assert log.measured(3, "ok", -math.log(50.0)) == []      # a is not measured yet
+    pairs = log.measured(1, "ok", -math.log(60.0))
+    assert kinds(pairs) == [("b", "a", "fitness", "parents")]
+    assert pairs[0]["prompt"] == "prompt 2" and pairs[0]["gap"] == pytest.approx(math.log(60 / 50))
+    assert pairs[0]["chosen_strategy"] == "gcot@1" and pairs[0]["rejected_strategy"] == "llm_mutate@0.8"
+    # an outcome may arrive before its completion is added; a failed evaluation loses to a measured one
+    assert log.measured(4, "failed", None) == []
+    assert kinds(log.add(completion(4, 2, "nan", parents=[9]))) == [("b", "nan", "failure", "prompt")]
+    # a duplicate inherits its original's outcome (b's −log 50)
+    assert kinds(log.add(completion(5, 1, "a again", status="duplicate", duplicate_of=3))) == [
+        ("a again", "a", "fitness", "prompt"), ("a again", "junk", "validity", "prompt")]
+    assert log.measured(1, "ok", -math.log(60.0)) == [] and len(log.emitted) == 6   # never twice
+    assert log.measured(3, "screened", None) == []     # proxy-only outcomes are not measurements
+
+
+def test_logged_pairs_equal_pairs_replayed_from_the_tables():
+    from autoprune_ray.llm.preferences import PreferenceLog, replay
+    cands, evals, prompts = tables()
+    live = PreferenceLog(margin=0.001)
+    pairs = []
+    for c in [completion(10, 1, "good"), completion(14, 2, "close"), completion(12, 1, "junk", "rejected"),
+              completion(11, 1, "worse")]:
+        c.prompt = "improve this" if c.prompt_id == 1 else "write one"
+        pairs += live.add(c)
+        measured = evals[evals.candidate_id == c.candidate_id]
+        for e in measured.itertuples():
+            pairs += live.measured(e.candidate_id, e.status, e.fitness)
+    pairs += live.add(completion(13, 2, "good again", "duplicate", duplicate_of=10))
+    replayed = replay(PreferenceLog(margin=0.001), cands, evals, prompts)
+    key = lambda ps: sorted((p["chosen_id"], p["rejected_id"], p["kind"]) for p in ps)  # noqa: E731
+    assert key(pairs) == key(replayed) and len(pairs) == 4
+
+
+# ---------------------------------------------------------------- the prompt-strategy controller
+
+def test_strategy_controller_bradley_terry_step_and_switch():
+    from autoprune_ray.llm.strategy import StrategyController
+    ctl = StrategyController({"llm_mutate": 0.3, "gcot": 0.1}, [0.5, 1.0], learning_rate=0.2, exploration=0.5)
+    assert ctl.probabilities() == pytest.approx({"llm_mutate@0.5": 0.375, "llm_mutate@1": 0.375,
+                                                 "gcot@0.5": 0.125, "gcot@1": 0.125})
+    assert not ctl.update({"chosen_strategy": "gcot@1", "rejected_strategy": "gcot@1"})   # says nothing
+    assert ctl.update({"chosen_strategy": "gcot@1", "rejected_strategy": "llm_mutate@0.5"})
+    # step = lr·(1 − σ(0)) = 0.1 each way
+    assert ctl.theta["gcot@1"] == pytest.approx(0.1) and ctl.theta["llm_mutate@0.5"] == pytest.approx(-0.1)
+    w = {"llm_mutate@0.5": 0.375 * math.exp(-0.1), "llm_mutate@1": 0.375, "gcot@0.5": 0.125,
+         "gcot@1": 0.125 * math.exp(0.1)}
+    total = sum(w.values())
+    assert ctl.probabilities()["gcot@1"] == pytest.approx(0.5 * w["gcot@1"] / total + 0.5 * 0.125)
+    ctl.enabled = False
+    assert ctl.probabilities()["gcot@1"] == pytest.approx(0.125)   # switched off: the base rates
+    import random
+    ops = {ctl.choose(random.Random(i), ("gcot",))[0] for i in range(20)}
+    assert ops == {"gcot"}
+
+
+# ---------------------------------------------------------------- reference model and rounds
+
+def test_reference_is_the_frozen_base_or_the_previous_adapter(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from autoprune_ray.llm.dpo import _reference_logps, _with_adapter
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    fresh = lambda: AutoModelForCausalLM.from_pretrained(tiny_model_dir)  # noqa: E731
+    pairs = pd.DataFrame({"prompt": ["write a metric"] * 3, "chosen": [" abs W times A"] * 3,
+                          "rejected": [" import os"] * 3})
+    cfg = DPOConfig(beta=0.5, lr=5e-3, epochs=4, batch_size=3, lora_r=4, holdout=0.0)
+    train_dpo(fresh(), tokenizer, pairs, tmp_path / "v1", cfg)
+    with torch.no_grad():
+        base = completion_logps(fresh(), tokenizer, list(pairs.prompt), list(pairs.chosen))
+    continued = _with_adapter(fresh(), cfg, tmp_path / "v1")
+    with torch.no_grad():
+        adapted = completion_logps(continued, tokenizer, list(pairs.prompt), list(pairs.chosen))
+    assert adapted[0].item() > base[0].item() + 1e-3        # v1 really moved the policy
+    ref_base = _reference_logps(continued, tokenizer, pairs, cfg)[0]
+    ref_prev = _reference_logps(continued, tokenizer, pairs, DPOConfig(**{**cfg.__dict__, "reference": "previous"}))[0]
+    assert torch.allclose(ref_base, base, atol=1e-5) and torch.allclose(ref_prev, adapted, atol=1e-5)
+    # round 2 continues from v1: against the previous adapter its first loss is log 2, against the base not
+    m_prev = train_dpo(fresh(), tokenizer, pairs, tmp_path / "v2", DPOConfig(**{**cfg.__dict__, "reference": "previous"}),
+                       init_adapter=tmp_path / "v1")
+    m_base = train_dpo(fresh(), tokenizer, pairs, tmp_path / "v2b", cfg, init_adapter=tmp_path / "v1")
+    assert m_prev["steps"][0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert m_base["steps"][0]["loss"] < math.log(2) - 1e-3
+    assert not list(tmp_path.glob(".*partial"))   # adapters appear whole

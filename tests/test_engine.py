@@ -1,6 +1,8 @@
 """The search engine on a real local Ray instance, with a tiny target model and a scripted policy
 (a real backend class fed fixed completions, so the runs are deterministic)."""
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -103,6 +105,48 @@ def test_resume_continues_without_repeating(ray_session, tmp_path, tiny_model_di
     assert_one_outcome_each(cands, evals, second)
 
 
+def test_dpo_rounds_train_and_serve_adapters_while_searching_and_resume(ray_session, tmp_path, tiny_model_dir,
+                                                                          corpus_file):
+    from autoprune_ray.llm.preferences import PreferenceLog, replay
+    cfg = make_config(tmp_path, tiny_model_dir, corpus_file, name="d", max_evaluations=5,
+                      operators={"llm_mutate": 0.4, "gcot": 0.3, "llm_init": 0.3})
+    cfg.evaluators.num = 1                      # the DPO task takes the other CPU
+    # each prompt's two completions: a valid program and a rejected one, so every prompt gives a pair
+    cfg.policy.scripted = [c for valid in COMPLETIONS[4:] for c in (valid, COMPLETIONS[3])]
+    cfg.policy.model = str(tiny_model_dir)      # the model DPO trains (the scripted policy only labels)
+    cfg.dpo.enabled, cfg.dpo.every_pairs, cfg.dpo.lora_r = True, 4, 4
+    cfg.strategy.temperatures = [0.5, 1.0]
+    first = run_search(cfg, progress=False)
+    store = RunStore(cfg.resolved_run_dir)
+    rounds = store.read("adapters")
+    assert first["dpo_rounds"] >= 1 and (rounds.status == "ok").all(), rounds.reason.tolist()
+    assert list(rounds.version) == [f"v{r}" for r in rounds["round"]] == [f"v{i + 1}" for i in range(len(rounds))]
+    for path in rounds.path:
+        assert (Path(path) / "adapter_config.json").exists() and (Path(path) / "metrics.json").exists()
+    assert (rounds.train_pairs > 0).all() and rounds.train_loss.notna().all()
+    last_before = rounds.version.iloc[-1]
+    n_cands = len(store.read("candidates"))
+
+    cfg.search.max_evaluations = 9
+    second = run_search(cfg, resume=True, progress=False)
+    store = RunStore(cfg.resolved_run_dir)
+    cands, evals, prompts = store.read("candidates"), store.read("evaluations"), store.read("prompts")
+    assert_one_outcome_each(cands, evals, second)
+    rounds = store.read("adapters")
+    assert list(rounds["round"]) == list(range(1, len(rounds) + 1))          # versions continue, none reused
+    new = cands.iloc[n_cands:]
+    new = new[new.prompt_id.notna()]
+    assert len(new) and new.adapter.iloc[0] == last_before                    # served from the first batch
+    assert set(cands.adapter.dropna()) <= set(rounds.version)
+    # the log holds every pair once, the same pairs a replay of the tables gives
+    pairs = store.read("preferences")
+    assert len(pairs) and not pairs[["chosen_id", "rejected_id"]].duplicated().any()
+    replayed = replay(PreferenceLog(cfg.dpo.margin, tuple(cfg.dpo.groupings)), cands, evals, prompts)
+    assert set(zip(pairs.chosen_id, pairs.rejected_id)) == {(p["chosen_id"], p["rejected_id"]) for p in replayed}
+    assert set(prompts.strategy) <= {f"{op}@{t}" for op in ("llm_mutate", "gcot", "llm_init") for t in ("0.5", "1")}
+    assert set(cands[cands.prompt_id.notna()].strategy) == set(prompts.strategy)
+
+
 def test_failures_become_records(ray_session, tmp_path, tiny_model_dir, corpus_file):
     """A hung evaluation is killed at its limit, a crashed evaluator's job is re-queued once,
     a NaN score is a recorded failure, and the run finishes."""
@@ -185,5 +229,6 @@ def test_status_report_and_prune_with_the_best_program(ray_session, tmp_path, ti
     assert '"sparsity": 0.5' in pruned.output
     trained = CliRunner().invoke(main, ["dpo", str(run_dir), "--model", str(tiny_model_dir), "--lr", "1e-3"])
     assert trained.exit_code == 0, trained.output
-    assert (run_dir / "adapters" / "v1" / "metrics.json").exists()
-    assert (pd.read_parquet(run_dir / "preferences.parquet").kind == "validity").any()
+    assert (run_dir / "adapters" / "offline-1" / "metrics.json").exists()
+    logged = pd.read_parquet(run_dir / "tables" / "preferences")   # the run's own log, read with pandas
+    assert (logged.kind == "validity").any() and f"{len(logged)} pairs" in trained.output
