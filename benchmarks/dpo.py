@@ -84,6 +84,14 @@ def collect_pairs(backend, judge: Judge, prompts: pd.DataFrame, n: int, temperat
     return pairs
 
 
+def training_pairs(earlier: pd.DataFrame, new: pd.DataFrame, max_pairs: int, seed: int) -> pd.DataFrame:
+    """At most max_pairs: the round's new pairs first, then a seeded sample of earlier ones."""
+    new = new.sample(frac=1.0, random_state=seed).head(max_pairs) if len(new) else new
+    room = max_pairs - len(new)
+    old = earlier.sample(n=min(room, len(earlier)), random_state=seed) if room > 0 and len(earlier) else earlier.head(0)
+    return pd.concat([new, old], ignore_index=True)
+
+
 def ab_arm(backend, judge: Judge, prompts: list[str], n: int, temperature: float, max_new_tokens: int,
            seeds: list[int]) -> dict:
     samples, valid, duplicates, tokens, seconds = 0, 0, 0, 0, 0.0
@@ -129,8 +137,11 @@ def ab_arm(backend, judge: Judge, prompts: list[str], n: int, temperature: float
 @click.option("--beta", default=0.1, show_default=True)
 @click.option("--lr", default=1e-4, show_default=True)
 @click.option("--epochs", default=2, show_default=True)
+@click.option("--max-pairs", default=32, show_default=True,
+              help="pairs per round: all new ones first, the rest drawn from earlier ones (CPU cost)")
+@click.option("--max-length", default=256, show_default=True, help="tokens of prompt + completion in training")
 @click.option("--out", type=click.Path(dir_okay=False), default=str(RESULTS / "dpo-cpu.json"), show_default=True)
-def main(run_dir, rounds, count, n, seeds, eval_tokens, beta, lr, epochs, out):
+def main(run_dir, rounds, count, n, seeds, eval_tokens, beta, lr, epochs, max_pairs, max_length, out):
     import dataclasses
 
     from autoprune_ray.engine.config import RunConfig, from_dict
@@ -158,13 +169,14 @@ def main(run_dir, rounds, count, n, seeds, eval_tokens, beta, lr, epochs, out):
             policy = tuned if adapter else base
             new = collect_pairs(policy, judge, train_prompts, n, pol.temperature, pol.max_new_tokens, 100 + r, log,
                                 next_id)
+            frame = training_pairs(pd.DataFrame(pairs), pd.DataFrame(new), max_pairs, seed=r)
             pairs += new
-            frame = pd.DataFrame(pairs)
             metrics = train_round(pol.model, frame[["prompt", "chosen", "rejected"]].to_dict("records"),
-                                  f"{tmp}/v{r}", DPOConfig(beta=beta, lr=lr, epochs=epochs, seed=r), adapter)
+                                  f"{tmp}/v{r}", DPOConfig(beta=beta, lr=lr, epochs=epochs, max_length=max_length,
+                                                           seed=r), adapter)
             adapter = f"{tmp}/v{r}"
             tuned.load_adapter(adapter, f"v{r}")
-            history.append({"round": r, "new_pairs": len(new), "pairs": len(pairs),
+            history.append({"round": r, "new_pairs": len(new), "pairs": len(pairs), "trained_on": len(frame),
                             "kinds": frame.kind.value_counts().to_dict(), "train": metrics["train"],
                             "held_out_before": metrics["held_out_before"], "held_out": metrics["held_out"]})
             click.echo(json.dumps(history[-1]))
@@ -174,7 +186,8 @@ def main(run_dir, rounds, count, n, seeds, eval_tokens, beta, lr, epochs, out):
     result = {"benchmark": "DPO A/B on the default CPU setup (SmolLM2-135M-Instruct policy and target)",
               "run_dir": run_dir, "rounds": history, "ab_prompts": len(ab_prompts), "completions_per_prompt": n,
               "seeds": seed_list, "temperature": pol.temperature, "max_new_tokens": pol.max_new_tokens,
-              "eval_tokens": eval_tokens, "dpo": {"beta": beta, "lr": lr, "epochs": epochs, "reference": "base"},
+              "eval_tokens": eval_tokens, "dpo": {"beta": beta, "lr": lr, "epochs": epochs, "reference": "base",
+                                                  "max_pairs": max_pairs, "max_length": max_length},
               "arms": arms, "seconds": time.perf_counter() - t0,
               "machine": "2-core CPU"}
     Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -81,7 +81,8 @@ class DPOSettings:
     every_pairs: int = 16             # a round starts when this many new pairs have been logged
     margin: float = 0.01              # least fitness gap (−log perplexity) of a fitness pair
     groupings: list[str] = field(default_factory=lambda: ["prompt", "parents"])
-    max_pairs: int = 512              # a round trains on the newest pairs, at most this many
+    max_pairs: int = 64               # a round trains on the newest pairs, at most this many
+    max_length: int = 384             # tokens of prompt (cut from the left) + completion
     beta: float = 0.1
     lr: float = 5e-5
     epochs: int = 1

@@ -260,7 +260,8 @@ class Search:
                 "pairs": pairs[["prompt", "chosen", "rejected"]].to_dict("records"),
                 "pairs_total": self.dpo["pairs"], "init_adapter": previous[1] if previous else None,
                 "config": DPOConfig(beta=d.beta, lr=d.lr, epochs=d.epochs, batch_size=d.batch_size, lora_r=d.lora_r,
-                                    lora_alpha=2 * d.lora_r, reference=d.reference, seed=d.seed + self.dpo["round"]),
+                                    lora_alpha=2 * d.lora_r, max_length=d.max_length, reference=d.reference,
+                                    seed=d.seed + self.dpo["round"]),
                 "started": time.time() - self.t0}
 
     def record_dpo_round(self, job: dict, metrics: dict | None, error: str = "") -> None:

@@ -91,10 +91,17 @@ def test_training_prefers_chosen_and_the_adapter_hot_loads(tiny, tiny_model_dir,
     assert metrics["train"]["loss"] < 0.5 * math.log(2) and metrics["train"]["reward_accuracy"] == 1.0
     assert json.loads((tmp_path / "v1" / "metrics.json").read_text())["train_pairs"] == 6
     backend = TransformersBackend(str(tiny_model_dir), device="cpu")
-    base = completion_logps(backend.model, backend.tokenizer, ["write a metric"], [" abs W times A"])
+    margin = lambda: (completion_logps(backend.model, backend.tokenizer, ["write a metric"] * 2,  # noqa: E731
+                                       [" abs W times A", " import os"]) @ torch.tensor([1.0, -1.0])).item()
+    base, base_margin = completion_logps(backend.model, backend.tokenizer, ["write a metric"], [" abs W times A"]), margin()
+    greedy = lambda: backend.generate(["write a metric"], n=1, temperature=0, max_new_tokens=8)[0]  # noqa: E731
+    before = greedy()
     backend.load_adapter(tmp_path / "v1", "dpo-1")
     tuned = completion_logps(backend.model, backend.tokenizer, ["write a metric"], [" abs W times A"])
     assert tuned.item() > base.item() and backend.adapter_version == "dpo-1"
+    assert margin() > base_margin + 1.0      # log π(chosen) − log π(rejected) moved the right way
+    after = greedy()   # hot-loading changes what the policy writes, and labels it
+    assert after.text != before.text and (before.adapter, after.adapter) == (None, "dpo-1")
 
 
 # ---------------------------------------------------------------- the incremental pair log
