@@ -248,17 +248,76 @@ def run(config_file, resume, overrides, no_progress):
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("target")
+@click.option("--address", default="auto", show_default=True, help="Jobs address, for a job id.")
 @clear_errors
-def status(run_dir):
-    """Counts, outcomes and the best program of a run directory.
+def status(target, address):
+    """Counts, outcomes and the best program of a run directory, or the state of a launched job.
 
     \b
     Examples:
       autoprune-ray status runs/local
+      autoprune-ray status autoprune-cluster-20261126-061500 --address http://127.0.0.1:8265
     """
-    from autoprune_ray.engine.report import status as run_status
-    click.echo(json.dumps(run_status(run_dir), indent=2, default=str))
+    if Path(target).is_dir() or "/" in target:
+        from autoprune_ray.engine.report import status as run_status
+        click.echo(json.dumps(run_status(target), indent=2, default=str))
+        return
+    from autoprune_ray.engine.launch import client
+    info = client(address).get_job_info(target)
+    click.echo(json.dumps({"job": target, "status": str(info.status).split(".")[-1], "message": info.message,
+                           "metadata": info.metadata, "entrypoint": info.entrypoint}, indent=2, default=str))
+
+
+@main.command()
+@click.argument("cluster_file", type=click.Path(dir_okay=False))
+@click.option("--no-wait", is_flag=True, help="Submit and return; follow with `status JOB_ID`.")
+@click.option("--resume", is_flag=True, help="Continue the run in the config's run directory.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a search config key.")
+@clear_errors
+def launch(cluster_file, no_wait, resume, overrides):
+    """Run a search on an existing Ray cluster, as a Ray Job.
+
+    CLUSTER_FILE names the cluster address, the runtime environment, the resources and the search
+    config (see configs/cluster.yaml). Prints the job id and the dashboard URL, then streams the
+    job's logs until it ends. Token authentication stays on: export RAY_AUTH_MODE=token (and
+    RAY_AUTH_TOKEN_PATH if the token is not in ~/.ray/auth_token) so the client sends it.
+
+    \b
+    Examples:
+      autoprune-ray launch configs/cluster.yaml
+      autoprune-ray launch configs/cluster.yaml --no-wait --set search.max_evaluations=200
+    """
+    from autoprune_ray.engine.launch import client, follow_logs, job_spec, load_cluster, resolve_search
+
+    cluster = load_cluster(cluster_file)
+    cluster.overrides = dict(cluster.overrides) | _parse_overrides(overrides)
+    cfg = resolve_search(cluster)
+    jobs = client(cluster.address)
+    job_id = jobs.submit_job(**job_spec(cluster, cfg, resume))
+    click.echo(f"job {job_id}: run {cfg.name} -> {cfg.resolved_run_dir} (on the head node)")
+    click.echo(f"dashboard: {jobs.get_address()}")
+    if no_wait:
+        return
+    final = follow_logs(jobs, job_id, click.echo)
+    click.echo(f"job {job_id} {final}")
+    if final != "SUCCEEDED":
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--address", default="auto", show_default=True)
+@clear_errors
+def stop(job_id, address):
+    """Stop a launched search; `launch --resume` (or re-launching) continues it.
+
+    \b
+    Examples:
+      autoprune-ray stop autoprune-cluster-20261126-061500 --address http://127.0.0.1:8265
+    """
+    from autoprune_ray.engine.launch import client
+    click.echo(f"job {job_id}: {'stop requested' if client(address).stop_job(job_id) else 'not running'}")
 
 
 @main.command()

@@ -203,7 +203,14 @@ def _coerce(hint, value, key):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, key)
+        for option in inner[:-1]:   # e.g. `str | dict`: the first type the value fits
+            try:
+                return _coerce(option, value, key)
+            except ConfigError:
+                pass
+        return _coerce(inner[-1], value, key)
+    if hint is typing.Any:
+        return value
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if hint in (int, str, bool) and type(value) is hint:

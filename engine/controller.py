@@ -138,7 +138,7 @@ class Search:
                "fitness": fitness_from_perplexity(result.get("perplexity")) if status == "ok" else None,
                "sparsity": result.get("sparsity"), "seconds": result.get("seconds"), "worker": result.get("worker"),
                "reason": result.get("reason", ""), "attempts": job.get("attempts", 0),
-               "finished": time.time() - self.t0}
+               "finished": time.time() - self.t0, "node": result.get("node")}
         self.store.append("evaluations", row)
         self.evaluated += 1
         self.metrics.inc("evaluated")

@@ -31,15 +31,16 @@ class EvaluatorWorker:
                                     target.seed, target.eval_tokens)
         self.evaluator = ProgramEvaluator(self.lm, self.data, with_grad=target.gradients)
         self.started = time.time()
+        self.node = _node_id()
 
     def ping(self) -> dict:
-        return {"worker": self.worker_id, "pid": os.getpid(), "up_seconds": time.time() - self.started}
+        return {"worker": self.worker_id, "pid": os.getpid(), "node": self.node, "up_seconds": time.time() - self.started}
 
     def evaluate(self, job: dict) -> dict:
         """job: candidate_id, hash, code, granularity, proxy_cutoff (None: always measure perplexity)."""
         start = time.perf_counter()
         out = {"candidate_id": job["candidate_id"], "hash": job["hash"], "worker": self.worker_id,
-               "pid": os.getpid(), "proxy": None, "perplexity": None, "sparsity": None, "reason": ""}
+               "pid": os.getpid(), "node": self.node, "proxy": None, "perplexity": None, "sparsity": None, "reason": ""}
         try:
             self._inject_faults(job["code"])
             cand = parse(job["code"], self.task, job.get("granularity", "row"))
@@ -77,3 +78,9 @@ class EvaluatorWorker:
                 if marker:
                     open(marker, "w").close()
                 os._exit(1)
+
+
+def _node_id() -> str | None:
+    """The Ray node this evaluator runs on (None outside Ray)."""
+    import ray
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None

@@ -1,0 +1,131 @@
+"""`autoprune-ray launch cluster.yaml`: a search as a Ray Job on an existing Ray cluster.
+
+The cluster file names the cluster (its dashboard/Jobs address, or `auto`), the job's runtime
+environment, the resources (evaluators, GPUs per evaluator, GPU shares for the policy and DPO)
+and the search config (a path, or the mapping itself), with overrides. `launch` resolves and
+validates the search config here, so a broken config fails before anything is submitted, and
+hands it to the job in an environment variable; the job's driver runs the same `run_search` as
+a local run, connected to the cluster (`ray.address: auto`).
+
+Ray's token authentication stays on: the client sends the token when RAY_AUTH_MODE=token (or
+RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH) is set, as Ray documents. Secrets such as an endpoint's API
+key stay in the environment named by `policy.api_key_env`; they are never put in the job.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from autoprune_ray.engine.config import ConfigError, RunConfig, from_dict, load_config
+
+CONFIG_ENV = "AUTOPRUNE_RUN_CONFIG"
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+@dataclass
+class ClusterResources:
+    evaluators: int = 2
+    cpus_per_evaluator: float = 1.0
+    gpus_per_evaluator: float = 0.0
+    policy_gpus: float = 0.0
+    dpo_gpus: float = 0.0
+
+
+@dataclass
+class ClusterConfig:
+    address: str = "auto"                      # http://HEAD:8265, or auto (RAY_ADDRESS, else a local head)
+    runtime_env: dict[str, Any] = field(default_factory=dict)   # working_dir, pip, env_vars, ...
+    resources: ClusterResources = field(default_factory=ClusterResources)
+    search: str | dict[str, Any] = "configs/local.yaml"          # a config path, or the mapping itself
+    overrides: dict[str, Any] = field(default_factory=dict)      # dotted keys, as `run --set`
+    python: str = "python"                     # the interpreter on the head node that runs the driver
+    submission_id: str | None = None           # default: autoprune-<name>-<time>
+
+
+def load_cluster(path: str | Path) -> ClusterConfig:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"cluster file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML ({exc})") from None
+    cluster = from_dict(ClusterConfig, data)
+    if isinstance(cluster.search, str) and not Path(cluster.search).is_absolute():
+        cluster.search = str((p.parent / cluster.search).resolve()) if (p.parent / cluster.search).exists() \
+            else cluster.search
+    return cluster
+
+
+def resolve_search(cluster: ClusterConfig) -> RunConfig:
+    """The search config the job will run: the file or mapping, the overrides, the resources."""
+    r = cluster.resources
+    overrides = dict(cluster.overrides) | {
+        "evaluators.num": r.evaluators, "evaluators.num_cpus": r.cpus_per_evaluator,
+        "evaluators.num_gpus": r.gpus_per_evaluator, "policy.num_gpus": r.policy_gpus, "dpo.num_gpus": r.dpo_gpus,
+        "ray.address": "auto"}
+    if isinstance(cluster.search, dict):
+        data = yaml.safe_load(yaml.safe_dump(cluster.search))
+        for dotted, value in overrides.items():
+            node = data
+            *parents, last = dotted.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[last] = value
+        return from_dict(RunConfig, data).validate()
+    return load_config(cluster.search, overrides)
+
+
+def job_spec(cluster: ClusterConfig, cfg: RunConfig, resume: bool = False) -> dict:
+    """Arguments of JobSubmissionClient.submit_job."""
+    env = dict(cluster.runtime_env)
+    env["env_vars"] = dict(env.get("env_vars") or {}) | {CONFIG_ENV: yaml.safe_dump(cfg.to_dict(), sort_keys=False)}
+    entry = [cluster.python, "-m", "autoprune_ray.engine.launch"] + (["--resume"] if resume else [])
+    return {"entrypoint": " ".join(shlex.quote(x) for x in entry), "runtime_env": env,
+            "submission_id": cluster.submission_id or f"autoprune-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            "metadata": {"autoprune_run": cfg.name, "run_dir": str(cfg.resolved_run_dir)}}
+
+
+def client(address: str):
+    from ray.job_submission import JobSubmissionClient
+    return JobSubmissionClient(None if address == "auto" else address)
+
+
+def follow_logs(jobs, job_id: str, echo, poll_seconds: float = 2.0) -> str:
+    """Print the job's logs as they grow until it ends; returns its final status."""
+    shown = 0
+    while True:
+        status = str(jobs.get_job_status(job_id)).split(".")[-1]
+        logs = jobs.get_job_logs(job_id)
+        if len(logs) > shown:
+            echo(logs[shown:], nl=False)
+            shown = len(logs)
+        if status in TERMINAL:
+            return status
+        time.sleep(poll_seconds)
+
+
+def _job_main() -> int:
+    """The job's driver: the resolved config from the environment, run as a local run would."""
+    from autoprune_ray.engine.runner import run_search
+
+    text = os.environ.get(CONFIG_ENV)
+    if not text:
+        print(f"{CONFIG_ENV} is not set: this module is the driver of `autoprune-ray launch`", file=sys.stderr)
+        return 2
+    cfg = from_dict(RunConfig, yaml.safe_load(text)).validate()
+    resume = "--resume" in sys.argv[1:] or (cfg.resolved_run_dir / "config.yaml").exists()
+    summary = run_search(cfg, resume=resume, progress=False)
+    print({k: v for k, v in summary.items() if k != "best_code"})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_job_main())
