@@ -106,7 +106,7 @@ def main() -> None:
 def scaling(evaluators: str, cost: float, evaluations: int) -> None:
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = tiny_target(Path(tmp) / "tiny")

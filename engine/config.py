@@ -231,10 +231,15 @@ def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML ({exc})") from None
+    return from_dict(RunConfig, apply_overrides(data, overrides)).validate()
+
+
+def apply_overrides(data: dict, overrides: dict | None) -> dict:
+    """Set dotted keys (`search.max_evaluations`) in a config mapping, in place."""
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, last = dotted.split(".")
         for part in parents:
             node = node.setdefault(part, {})
         node[last] = value
-    return from_dict(RunConfig, data).validate()
+    return data

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from autoprune_ray.engine.config import ConfigError, RunConfig, from_dict, load_config
+from autoprune_ray.engine.config import ConfigError, RunConfig, apply_overrides, from_dict, load_config
 
 CONFIG_ENV = "AUTOPRUNE_RUN_CONFIG"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -72,14 +72,8 @@ def resolve_search(cluster: ClusterConfig) -> RunConfig:
         "evaluators.num_gpus": r.gpus_per_evaluator, "policy.num_gpus": r.policy_gpus, "dpo.num_gpus": r.dpo_gpus,
         "ray.address": "auto"}
     if isinstance(cluster.search, dict):
-        data = yaml.safe_load(yaml.safe_dump(cluster.search))
-        for dotted, value in overrides.items():
-            node = data
-            *parents, last = dotted.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[last] = value
-        return from_dict(RunConfig, data).validate()
+        data = yaml.safe_load(yaml.safe_dump(cluster.search))   # a deep copy
+        return from_dict(RunConfig, apply_overrides(data, overrides)).validate()
     return load_config(cluster.search, overrides)
 
 

@@ -23,8 +23,10 @@ def ensure_ray(cfg: RunConfig) -> None:
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, log_to_driver=True)
     else:
-        # Local runs bind the dashboard to localhost; Ray's token authentication stays as Ray sets it.
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard,
+        # A new local instance even when `ray start` left an address file on this machine (a plain
+        # ray.init() would join that cluster). The dashboard binds to localhost; Ray's token
+        # authentication stays as Ray sets it.
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard,
                  dashboard_host=cfg.ray.dashboard_host)
 
 

@@ -37,7 +37,7 @@ def cluster(tmp_path_factory):
     """Head (2 CPUs) + worker node (1 CPU, resource `second_node`), each a `ray start --block`
     process group, terminated at the end (never `ray stop`, which would stop every Ray here)."""
     port, dashboard = free_port(), free_port()
-    # its own temp dir: the address file that a later plain ray.init() reads stays untouched
+    # its own temp dir: the address file a plain ray.init() would join is left alone
     temp_dir = f"/tmp/rt{port}"
     common = ["--block", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
     # The head keeps Ray's default (token auth on, token written to ~/.ray/auth_token); a joining
@@ -139,3 +139,28 @@ def test_launch_runs_a_search_as_a_ray_job_on_two_nodes(cluster, tmp_path, tiny_
     assert status.returncode == 0 and '"status": "SUCCEEDED"' in status.stdout, status.stderr
     bad = CliRunner().invoke(main, ["launch", str(tmp_path / "missing.yaml")])
     assert bad.exit_code != 0 and "does not exist" in bad.output
+
+
+def test_launch_validates_the_search_and_keeps_secrets_out_of_the_job(tmp_path, monkeypatch):
+    from autoprune_ray.engine.config import ConfigError, RunConfig, from_dict
+    from autoprune_ray.engine.launch import CONFIG_ENV, job_spec, load_cluster, resolve_search
+    monkeypatch.setenv("MY_ENDPOINT_KEY", "sk-secret-value")
+    search = {"name": "c", "policy": {"backend": "openai", "base_url": "http://127.0.0.1:9/v1",
+                                      "api_key_env": "MY_ENDPOINT_KEY"}}
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump({"address": "http://127.0.0.1:8265", "search": search,
+                                    "resources": {"evaluators": 5, "gpus_per_evaluator": 0.5, "dpo_gpus": 0.25},
+                                    "overrides": {"search.max_evaluations": 7}}))
+    cluster = load_cluster(path)
+    spec = job_spec(cluster, resolve_search(cluster))
+    cfg = from_dict(RunConfig, yaml.safe_load(spec["runtime_env"]["env_vars"][CONFIG_ENV]))
+    assert (cfg.evaluators.num, cfg.evaluators.num_gpus, cfg.dpo.num_gpus) == (5, 0.5, 0.25)
+    assert cfg.search.max_evaluations == 7 and cfg.ray.address == "auto"
+    assert spec["entrypoint"].endswith("-m autoprune_ray.engine.launch")
+    assert "sk-secret-value" not in repr(spec)            # the key stays in the environment
+    path.write_text(yaml.safe_dump({"search": {"search": {"max_evaluatons": 3}}}))
+    with pytest.raises(ConfigError, match="max_evaluatons"):
+        resolve_search(load_cluster(path))
+    path.write_text(yaml.safe_dump({"resources": {"evaluators": "many"}}))
+    with pytest.raises(ConfigError, match="resources.evaluators"):
+        load_cluster(path)

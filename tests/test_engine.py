@@ -26,7 +26,7 @@ COMPLETIONS = [
 
 @pytest.fixture(scope="session")
 def ray_session():
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
