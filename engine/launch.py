@@ -92,6 +92,19 @@ def client(address: str):
     return JobSubmissionClient(None if address == "auto" else address)
 
 
+def submit(jobs, spec: dict, attempts: int = 60, wait_seconds: float = 3.0) -> str:
+    """Submit, retrying while the head's job agent is still starting (a fresh cluster answers
+    "No available agent to submit job, please try again later")."""
+    for attempt in range(attempts):
+        try:
+            return jobs.submit_job(**spec)
+        except RuntimeError as exc:
+            if "try again later" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(wait_seconds)
+    raise AssertionError("unreachable")
+
+
 def follow_logs(jobs, job_id: str, echo, poll_seconds: float = 2.0) -> str:
     """Print the job's logs as they grow until it ends; returns its final status."""
     shown = 0
