@@ -158,7 +158,8 @@ def main(run_dir, rounds, count, n, seeds, eval_tokens, beta, lr, epochs, max_pa
     train_prompts, ab_prompts = split_prompts(prompts, count, seed=0)
     pol = cfg.policy
     judge = Judge(target, set(cands.hash.dropna()) - {""})
-    log = PreferenceLog(margin=0.01, groupings=("prompt", "parents"))
+    # every pair of the run, however far apart its completions (the engine pairs within a window)
+    log = PreferenceLog(margin=0.01, groupings=("prompt", "parents"), window=10 ** 9)
     pairs = replay(log, cands, evals, prompts)
     history = [{"round": 0, "source": "run tables", "pairs": len(pairs)}]
     base = TransformersBackend(pol.model, device="cpu")

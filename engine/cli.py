@@ -288,13 +288,13 @@ def launch(cluster_file, no_wait, resume, overrides):
       autoprune-ray launch configs/cluster.yaml
       autoprune-ray launch configs/cluster.yaml --no-wait --set search.max_evaluations=200
     """
-    from autoprune_ray.engine.launch import client, follow_logs, job_spec, load_cluster, resolve_search
+    from autoprune_ray.engine.launch import client, follow_logs, job_spec, load_cluster, resolve_search, submit
 
     cluster = load_cluster(cluster_file)
     cluster.overrides = dict(cluster.overrides) | _parse_overrides(overrides)
     cfg = resolve_search(cluster)
     jobs = client(cluster.address)
-    job_id = jobs.submit_job(**job_spec(cluster, cfg, resume))
+    job_id = submit(jobs, job_spec(cluster, cfg, resume))
     click.echo(f"job {job_id}: run {cfg.name} -> {cfg.resolved_run_dir} (on the head node)")
     click.echo(f"dashboard: {jobs.get_address()}")
     if no_wait:

@@ -58,6 +58,7 @@ class SearchConfig:
     max_evaluations: int = 40
     max_seconds: float | None = 1800.0
     patience: int | None = None       # stop after this many evaluations without improvement
+    stall_proposals: int = 500        # stop when this many proposals in a row gave nothing new to evaluate
     eval_time_limit: float = 300.0    # seconds per candidate; a hung evaluation is killed
     queue_size: int = 8               # bounded queue between policy and evaluators
     cascade: float = 1.5              # perplexity only when proxy <= cascade × best proxy so far
@@ -80,6 +81,7 @@ class DPOSettings:
     enabled: bool = False
     every_pairs: int = 16             # a round starts when this many new pairs have been logged
     margin: float = 0.01              # least fitness gap (−log perplexity) of a fitness pair
+    window: int = 16                  # pair only completions at most this many candidate ids apart
     groupings: list[str] = field(default_factory=lambda: ["prompt", "parents"])
     max_pairs: int = 64               # a round trains on the newest pairs, at most this many
     max_length: int = 384             # tokens of prompt (cut from the left) + completion
@@ -145,7 +147,8 @@ class RunConfig:
         _check(not unknown, "search.operators", f"unknown operator(s) {sorted(unknown)}: use {sorted(known)}")
         _check(all(v >= 0 for v in self.search.operators.values()) and sum(self.search.operators.values()) > 0,
                "search.operators", "rates must be non-negative and not all zero")
-        for key in ("islands", "population_size", "max_evaluations", "queue_size", "checkpoint_every"):
+        for key in ("islands", "population_size", "max_evaluations", "queue_size", "checkpoint_every",
+                    "stall_proposals"):
             _check(getattr(self.search, key) >= 1, f"search.{key}", "must be at least 1")
         _check(0 <= self.search.elites <= self.search.population_size, "search.elites",
                "must lie between 0 and population_size")

@@ -68,8 +68,9 @@ class Search:
         self.rejections: deque[tuple[str, str]] = deque(maxlen=24)
         self.next_id, self.evaluated, self.dispatched, self.prompt_counter = 0, 0, 0, 0
         self.stats = {"proposed": 0, "valid": 0, "tokens": 0, "busy_seconds": 0.0, "overhead_seconds": 0.0}
+        self.since_accepted = 0                # proposals in a row that gave nothing new to evaluate
         self.t0 = time.time()
-        self.prefs = prefs.PreferenceLog(cfg.dpo.margin, tuple(cfg.dpo.groupings))
+        self.prefs = prefs.PreferenceLog(cfg.dpo.margin, tuple(cfg.dpo.groupings), cfg.dpo.window)
         self.strategies = self._strategy_controller()
         self.dpo = {"round": 0, "pairs": 0, "pairs_at_round": 0, "adapter": None}   # adapter: (version, path)
         # a local Population, or a synchronous handle to the `population` actor (same methods)
@@ -110,6 +111,7 @@ class Search:
             cid = self._new_candidate(code="", source=source, status="rejected", reason=reason, operator=operator,
                                       island=island, parents=parents, prompt_id=prompt_id, adapter=adapter,
                                       strategy=strategy)
+            self.since_accepted += 1
             return cid, "rejected", None
         self.stats["valid"] += 1
         self.metrics.inc("valid")
@@ -119,6 +121,7 @@ class Search:
                                   parents=parents, hash_=cand.hash, prompt_id=prompt_id, adapter=adapter,
                                   duplicate_of=earlier, granularity=cand.granularity, strategy=strategy)
         self.lineage[cid] = {"code": cand.code, "fitness": None, "parents": parents, "operator": operator}
+        self.since_accepted = 0 if status == "accepted" else self.since_accepted + 1
         if status == "accepted":
             self.queue.append({"candidate_id": cid, "hash": cand.hash, "code": cand.code, "island": island,
                                "granularity": cand.granularity, "operator": operator, "parents": parents,
@@ -395,6 +398,8 @@ class Search:
             return f"reached {s.max_seconds:.0f} s"
         if s.patience is not None and self.population.snapshot()["since_improvement"] >= s.patience:
             return f"no improvement for {s.patience} evaluations"
+        if self.since_accepted >= s.stall_proposals and not self.queue:
+            return f"{s.stall_proposals} proposals in a row were rejected or duplicates"
         return None
 
     def proxy_cutoff(self) -> float | None:

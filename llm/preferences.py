@@ -10,6 +10,11 @@ parents (then the pair's prompt is the chosen completion's). Three kinds:
     (−log perplexity, so the margin is a relative perplexity gap).
 A duplicate inherits the outcome of the program it duplicates.
 
+Only completions written close together (candidate ids at most `window` apart) are paired: the
+two sides then come from nearly the same policy (adapter), and the log grows linearly with the
+run, not quadratically (an elite that parents hundreds of prompts would otherwise pair every
+rejected completion with every valid one).
+
 `PreferenceLog` is incremental: the engine feeds it completions and evaluation outcomes as they
 arrive and logs each new pair once. `preference_pairs` replays a run's tables through it, so the
 pairs logged during a run and those derived afterwards are the same set.
@@ -48,11 +53,11 @@ class Completion:
 
 
 class PreferenceLog:
-    def __init__(self, margin: float = 0.01, groupings: tuple[str, ...] = ("prompt", "parents")):
+    def __init__(self, margin: float = 0.01, groupings: tuple[str, ...] = ("prompt", "parents"), window: int = 16):
         unknown = set(groupings) - {"prompt", "parents"}
         if unknown:
             raise ValueError(f"unknown preference grouping(s) {sorted(unknown)}: use prompt and/or parents")
-        self.margin, self.groupings = margin, tuple(groupings)
+        self.margin, self.groupings, self.window = margin, tuple(groupings), window
         self.by_id: dict[int, Completion] = {}
         self.groups: dict[tuple, list[Completion]] = defaultdict(list)
         self.outcomes: dict[int, tuple[str, float | None]] = {}   # any candidate's measured outcome
@@ -95,7 +100,7 @@ class PreferenceLog:
         out = []
         for g in c.groups:
             for other in self.groups[g]:
-                if other is c:
+                if other is c or abs(other.candidate_id - c.candidate_id) > self.window:
                     continue
                 pair = self._pair(c, other, g[0], now)
                 if pair is not None:

@@ -137,6 +137,8 @@ def test_pair_log_pairs_each_outcome_once_as_it_arrives():
         ("a again", "a", "fitness", "prompt"), ("a again", "junk", "validity", "prompt")]
     assert log.measured(1, "ok", -math.log(60.0)) == [] and len(log.emitted) == 6   # never twice
     assert log.measured(3, "screened", None) == []     # proxy-only outcomes are not measurements
+    # completions written far apart (more than `window` candidate ids) are not paired
+    assert log.add(completion(40, 1, "late junk", status="rejected")) == []
 
 
 def test_logged_pairs_equal_pairs_replayed_from_the_tables():

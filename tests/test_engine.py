@@ -108,13 +108,13 @@ def test_resume_continues_without_repeating(ray_session, tmp_path, tiny_model_di
 def test_dpo_rounds_train_and_serve_adapters_while_searching_and_resume(ray_session, tmp_path, tiny_model_dir,
                                                                           corpus_file):
     from autoprune_ray.llm.preferences import PreferenceLog, replay
-    cfg = make_config(tmp_path, tiny_model_dir, corpus_file, name="d", max_evaluations=5,
-                      operators={"llm_mutate": 0.4, "gcot": 0.3, "llm_init": 0.3})
+    cfg = make_config(tmp_path, tiny_model_dir, corpus_file, name="d", max_evaluations=5, stall_proposals=80,
+                      operators={"llm_mutate": 0.3, "gcot": 0.2, "llm_init": 0.2, "symbolic_mutate": 0.3})
     cfg.evaluators.num = 1                      # the DPO task takes the other CPU
     # each prompt's two completions: a valid program and a rejected one, so every prompt gives a pair
     cfg.policy.scripted = [c for valid in COMPLETIONS[4:] for c in (valid, COMPLETIONS[3])]
     cfg.policy.model = str(tiny_model_dir)      # the model DPO trains (the scripted policy only labels)
-    cfg.dpo.enabled, cfg.dpo.every_pairs, cfg.dpo.lora_r = True, 4, 4
+    cfg.dpo.enabled, cfg.dpo.every_pairs, cfg.dpo.lora_r = True, 2, 4
     cfg.strategy.temperatures = [0.5, 1.0]
     first = run_search(cfg, progress=False)
     store = RunStore(cfg.resolved_run_dir)
@@ -129,6 +129,7 @@ def test_dpo_rounds_train_and_serve_adapters_while_searching_and_resume(ray_sess
 
     cfg.search.max_evaluations = 9
     second = run_search(cfg, resume=True, progress=False)
+    assert second["stop_reason"] in ("reached 9 evaluations", "80 proposals in a row were rejected or duplicates")
     store = RunStore(cfg.resolved_run_dir)
     cands, evals, prompts = store.read("candidates"), store.read("evaluations"), store.read("prompts")
     assert_one_outcome_each(cands, evals, second)
@@ -141,7 +142,7 @@ def test_dpo_rounds_train_and_serve_adapters_while_searching_and_resume(ray_sess
     # the log holds every pair once, the same pairs a replay of the tables gives
     pairs = store.read("preferences")
     assert len(pairs) and not pairs[["chosen_id", "rejected_id"]].duplicated().any()
-    replayed = replay(PreferenceLog(cfg.dpo.margin, tuple(cfg.dpo.groupings)), cands, evals, prompts)
+    replayed = replay(PreferenceLog(cfg.dpo.margin, tuple(cfg.dpo.groupings), cfg.dpo.window), cands, evals, prompts)
     assert set(zip(pairs.chosen_id, pairs.rejected_id)) == {(p["chosen_id"], p["rejected_id"]) for p in replayed}
     assert set(prompts.strategy) <= {f"{op}@{t}" for op in ("llm_mutate", "gcot", "llm_init") for t in ("0.5", "1")}
     assert set(cands[cands.prompt_id.notna()].strategy) == set(prompts.strategy)
