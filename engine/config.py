@@ -226,15 +226,19 @@ def _coerce(hint, value, key):
     raise ConfigError(f"{key}: expected {expected}, got {value!r}")
 
 
-def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
+def read_yaml(path: str | Path, what: str = "config file") -> dict:
+    """A YAML file's mapping, or a ConfigError that names the file."""
     p = Path(path)
     if not p.exists():
-        raise ConfigError(f"config file {p} does not exist")
+        raise ConfigError(f"{what} {p} does not exist")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        return yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML ({exc})") from None
-    return from_dict(RunConfig, apply_overrides(data, overrides)).validate()
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
+    return from_dict(RunConfig, apply_overrides(read_yaml(path), overrides)).validate()
 
 
 def apply_overrides(data: dict, overrides: dict | None) -> dict:

@@ -73,6 +73,7 @@ class Search:
         self.prefs = prefs.PreferenceLog(cfg.dpo.margin, tuple(cfg.dpo.groupings), cfg.dpo.window)
         self.strategies = self._strategy_controller()
         self.dpo = {"round": 0, "pairs": 0, "pairs_at_round": 0, "adapter": None}   # adapter: (version, path)
+        self.recent_pairs: deque[dict] = deque(maxlen=cfg.dpo.max_pairs)   # what the next DPO round trains on
         # a local Population, or a synchronous handle to the `population` actor (same methods)
         self.population = population or Population(cfg.search.islands, cfg.search.population_size,
                                                    cfg.search.elites, cfg.search.migration_interval, cfg.search.seed)
@@ -214,6 +215,7 @@ class Search:
         known = set(zip(logged.chosen_id, logged.rejected_id))
         for pair in logged.to_dict("records"):
             self.strategies.update(pair)
+            self._keep_for_training(pair)
         self.dpo["pairs"] = len(logged)
         self._log_pairs([p for p in replayed if (p["chosen_id"], p["rejected_id"]) not in known])
         rounds = self.store.read("adapters")
@@ -225,16 +227,23 @@ class Search:
                 self.dpo["adapter"] = (ok.version.iloc[-1], ok.path.iloc[-1])
 
     # ------------------------------------------------------------------ preferences, strategies, DPO
+    def _temperatures(self) -> list[float]:
+        return self.cfg.strategy.temperatures or [self.cfg.policy.temperature]
+
     def _strategy_controller(self) -> StrategyController:
         st, ops = self.cfg.strategy, self.cfg.search.operators
         rates = {op: ops.get(op, 0.0) for op in LLM_OPERATORS if ops.get(op, 0.0) > 0} or {"llm_init": 1.0}
-        return StrategyController(rates, st.temperatures or [self.cfg.policy.temperature], st.enabled,
-                                  st.learning_rate, st.exploration)
+        return StrategyController(rates, self._temperatures(), st.enabled, st.learning_rate, st.exploration)
+
+    def _keep_for_training(self, pair: dict) -> None:
+        if pair["grouping"] in self.cfg.dpo.groupings:
+            self.recent_pairs.append({k: pair[k] for k in ("prompt", "chosen", "rejected")})
 
     def _log_pairs(self, pairs: list[dict]) -> None:
         changed = False
         for pair in pairs:
             self.store.append("preferences", pair)
+            self._keep_for_training(pair)
             changed |= self.strategies.update(pair)
         self.dpo["pairs"] += len(pairs)
         if pairs:
@@ -252,15 +261,12 @@ class Search:
     def next_dpo_round(self) -> dict:
         """The next round's job: the newest pairs, where its adapter goes, what it continues from."""
         d = self.cfg.dpo
-        self.store.flush()
-        pairs = self.store.read("preferences")
-        pairs = pairs[pairs.grouping.isin(d.groupings)].tail(d.max_pairs)
         self.dpo["round"] += 1
         self.dpo["pairs_at_round"] = self.dpo["pairs"]
         version = f"v{self.dpo['round']}"
         previous = self.dpo["adapter"]
         return {"version": version, "round": self.dpo["round"], "path": str(self.run_dir / "adapters" / version),
-                "pairs": pairs[["prompt", "chosen", "rejected"]].to_dict("records"),
+                "pairs": list(self.recent_pairs),
                 "pairs_total": self.dpo["pairs"], "init_adapter": previous[1] if previous else None,
                 "config": DPOConfig(beta=d.beta, lr=d.lr, epochs=d.epochs, batch_size=d.batch_size, lora_r=d.lora_r,
                                     lora_alpha=2 * d.lora_r, max_length=d.max_length, reference=d.reference,
@@ -305,7 +311,7 @@ class Search:
         try:
             return self.strategies.choose(self.rng, None if has_parents else ("llm_init",))
         except ValueError:   # llm_init has rate 0 and there are no parents yet
-            return "llm_init", (self.cfg.strategy.temperatures or [self.cfg.policy.temperature])[0]
+            return "llm_init", self._temperatures()[0]
 
     def symbolic_child(self, op: str) -> None:
         island = self.population.next_island()

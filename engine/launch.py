@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from autoprune_ray.engine.config import ConfigError, RunConfig, apply_overrides, from_dict, load_config
+from autoprune_ray.engine.config import RunConfig, apply_overrides, from_dict, load_config, read_yaml
 
 CONFIG_ENV = "AUTOPRUNE_RUN_CONFIG"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -51,13 +51,7 @@ class ClusterConfig:
 
 def load_cluster(path: str | Path) -> ClusterConfig:
     p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"cluster file {p} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML ({exc})") from None
-    cluster = from_dict(ClusterConfig, data)
+    cluster = from_dict(ClusterConfig, read_yaml(p, "cluster file"))
     if isinstance(cluster.search, str) and not Path(cluster.search).is_absolute():
         cluster.search = str((p.parent / cluster.search).resolve()) if (p.parent / cluster.search).exists() \
             else cluster.search
@@ -95,14 +89,14 @@ def client(address: str):
 def submit(jobs, spec: dict, attempts: int = 60, wait_seconds: float = 3.0) -> str:
     """Submit, retrying while the head's job agent is still starting (a fresh cluster answers
     "No available agent to submit job, please try again later")."""
-    for attempt in range(attempts):
+    for _ in range(attempts - 1):
         try:
             return jobs.submit_job(**spec)
         except RuntimeError as exc:
-            if "try again later" not in str(exc) or attempt == attempts - 1:
+            if "try again later" not in str(exc):
                 raise
             time.sleep(wait_seconds)
-    raise AssertionError("unreachable")
+    return jobs.submit_job(**spec)
 
 
 def follow_logs(jobs, job_id: str, echo, poll_seconds: float = 2.0) -> str:

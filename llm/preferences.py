@@ -21,6 +21,7 @@ pairs logged during a run and those derived afterwards are the same set.
 """
 from __future__ import annotations
 
+import bisect
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -59,7 +60,8 @@ class PreferenceLog:
             raise ValueError(f"unknown preference grouping(s) {sorted(unknown)}: use prompt and/or parents")
         self.margin, self.groupings, self.window = margin, tuple(groupings), window
         self.by_id: dict[int, Completion] = {}
-        self.groups: dict[tuple, list[Completion]] = defaultdict(list)
+        self.groups: dict[tuple, list[Completion]] = defaultdict(list)     # members, by candidate id
+        self.group_ids: dict[tuple, list[int]] = defaultdict(list)         # their ids, for bisection
         self.outcomes: dict[int, tuple[str, float | None]] = {}   # any candidate's measured outcome
         self.copies: dict[int, list[Completion]] = defaultdict(list)  # original id -> duplicates of it
         self.emitted: set[tuple[int, int]] = set()
@@ -79,7 +81,9 @@ class PreferenceLog:
         if "parents" in self.groupings and c.parents:
             c.groups.append(("parents", tuple(sorted(c.parents))))
         for g in c.groups:
-            self.groups[g].append(c)
+            at = bisect.bisect_right(self.group_ids[g], c.candidate_id)   # an append when ids arrive in order
+            self.group_ids[g].insert(at, c.candidate_id)
+            self.groups[g].insert(at, c)
         return self._pairs_of(c, now)
 
     def measured(self, candidate_id: int, status: str, fitness: float | None, now: float = 0.0) -> list[dict]:
@@ -99,8 +103,11 @@ class PreferenceLog:
     def _pairs_of(self, c: Completion, now: float) -> list[dict]:
         out = []
         for g in c.groups:
-            for other in self.groups[g]:
-                if other is c or abs(other.candidate_id - c.candidate_id) > self.window:
+            ids = self.group_ids[g]
+            lo = bisect.bisect_left(ids, c.candidate_id - self.window)
+            hi = bisect.bisect_right(ids, c.candidate_id + self.window)
+            for other in self.groups[g][lo:hi]:   # only neighbours within the window: no scan of a long group
+                if other is c:
                     continue
                 pair = self._pair(c, other, g[0], now)
                 if pair is not None:
