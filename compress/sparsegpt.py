@@ -6,7 +6,7 @@ import torch
 from .masks import prune_count
 
 
-def _inverse_hessian_cholesky(gram: torch.Tensor, weight: torch.Tensor, damp: float) -> torch.Tensor:
+def inverse_hessian_cholesky(gram: torch.Tensor, weight: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (XXᵀ + damp·mean(diag)·I)⁻¹; dead inputs get unit curvature."""
     h = gram.double().clone()
     dead = h.diagonal() == 0
@@ -25,7 +25,7 @@ def sparsegpt_prune(weight: torch.Tensor, gram: torch.Tensor, sparsity: float,
     not yet visited. Each block prunes an exact share of its weights."""
     w = weight.detach().clone().float()
     rows, cols = w.shape
-    hinv = _inverse_hessian_cholesky(gram, w, damp)
+    hinv = inverse_hessian_cholesky(gram, w, damp)
     mask = torch.zeros_like(w, dtype=torch.bool)
     for start in range(0, cols, blocksize):
         end = min(start + blocksize, cols)
