@@ -178,27 +178,99 @@ def baselines(sparsities, patterns, methods, model, calib_data, eval_data, proto
     click.echo(f"\nwritten to {out}")
 
 
-def load_program(path: str, granularity: str = "row"):
+def load_program(path: str, granularity: str = "row", task: str = "prune"):
     """A program file, or RUN_DIR:best for the best program a search found."""
     from autoprune_ray.operators.language import CandidateError, parse
     if path.endswith(":best") and Path(path[:-5]).is_dir():
         from autoprune_ray.engine.report import best_row, load_tables
-        _, cands, evals = load_tables(path[:-5])
+        config, cands, evals = load_tables(path[:-5])
+        if config.get("task", "prune") != task:
+            raise click.ClickException(f"{path[:-5]} searched task {config.get('task')!r}, not {task!r}")
         best = best_row(cands, evals)
         if best is None:
             raise click.ClickException(f"{path[:-5]} has no evaluated program yet")
-        return parse(best.code, "prune", best.granularity or granularity)
+        return parse(best.code, task, best.granularity or granularity)
     if not Path(path).exists():
         raise FileNotFoundError(f"program file {path} does not exist")
     try:
-        return parse(Path(path).read_text(encoding="utf-8", errors="replace"), "prune", granularity)
+        return parse(Path(path).read_text(encoding="utf-8", errors="replace"), task, granularity)
     except CandidateError as exc:
         raise click.ClickException(f"program rejected: {exc}") from None
 
 
+def parse_bits(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of bit widths") from None
+
+
+@main.command()
+@click.option("--method", default="hawq", show_default=True, type=click.Choice(["uniform", "hawq", "aptq"]),
+              help="uniform bits, HAWQ (Hessian trace × quantization error) or APTQ-style (attention-aware).")
+@click.option("--program", "program_file", default=None,
+              help="A sensitivity proxy (Python file, `def sensitivity(E, H, ...)`) or RUN_DIR:best of an mpq "
+                   "search; overrides --method.")
+@click.option("--avg-bits", type=float, default=3.25, show_default=True,
+              help="Budget: average bits per weight, each group's fp16 scale and zero included "
+                   "(uniform 3-bit at group 128 costs 3.25).")
+@click.option("--group-size", type=int, default=128, show_default=True)
+@click.option("--bits", "choices", default="2,3,4,8", show_default=True, help="Bit widths a layer may get.")
+@click.option("--allocator", type=click.Choice(["ilp", "greedy"]), default="ilp", show_default=True)
+@click.option("--quantizer", type=click.Choice(["rtn", "gptq"]), default="rtn", show_default=True)
+@click.option("--hessian", type=click.Choice(["gram", "hutchinson"]), default="gram", show_default=True,
+              help="HAWQ's trace: the layer-output Hessian X Xᵀ, or Hutchinson on the LM loss.")
+@protocol_options
+@click.option("--save", type=click.Path(file_okay=False), default=None,
+              help="Write the (fake-)quantized model (HF format) here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a table.")
+@clear_errors
+def quantize(method, program_file, avg_bits, group_size, choices, allocator, quantizer, hessian, model, calib_data,
+             eval_data, protocol_name, nsamples, seqlen, seed, eval_tokens, device, dtype, save, as_json):
+    """Mixed-precision weight-only quantization under an average-bits budget; prints perplexity, the
+    achieved average bits and the per-layer bits.
+
+    \b
+    Examples:
+      autoprune-ray quantize --method hawq --avg-bits 3.25
+      autoprune-ray quantize --method aptq --avg-bits 4.25 --quantizer gptq --save q4/
+      autoprune-ray quantize --program runs/mpq:best --avg-bits 3.25
+    """
+    from autoprune_ray.compress.data import load_token_data
+    from autoprune_ray.compress.eval import perplexity
+    from autoprune_ray.compress.export import save_pruned
+    from autoprune_ray.compress.models import load_model
+    from autoprune_ray.compress.quantize import QuantConfig, quantize_model
+
+    program = load_program(program_file, task="mpq") if program_file else None
+    cfg = QuantConfig(method="program" if program else method, avg_bits=avg_bits, group_size=group_size,
+                      choices=parse_bits(choices), allocator=allocator, quantizer=quantizer, hessian=hessian,
+                      program=program.tree if program else None).validate()
+    proto = resolve_protocol(protocol_name, calib_data=calib_data, eval_data=eval_data, nsamples=nsamples,
+                             seqlen=seqlen, seed=seed, eval_tokens=eval_tokens)
+    lm = load_model(model, device=device, dtype=torch_dtype(dtype))
+    data = load_token_data(lm.tokenizer, proto.calib_data, proto.eval_data, proto.nsamples, proto.seqlen,
+                           proto.seed, proto.eval_tokens)
+    result = quantize_model(lm, data, cfg)
+    ppl = perplexity(lm, data.evaluation, data.seqlen)
+    report = {**result.to_dict(), "perplexity": ppl, "model": lm.name, "protocol": data.describe()}
+    if save:
+        save_pruned(lm, save, report, "quantization.json")
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    _print_table([{"method": cfg.label, "budget": f"{cfg.avg_bits:g}", "achieved": f"{result.avg_bits:.4f}",
+                   "bits": " ".join(f"{b}:{n}" for b, n in result.histogram.items()),
+                   "perplexity": f"{ppl:.3f}", "seconds": f"{result.seconds:.1f}"}], title=lm.name)
+    _print_table(_bits_by_block(result.layers, result.bits), title="bits per layer")
+    if save:
+        click.echo(f"saved to {save}")
+
+
 @main.command()
 @click.argument("program_file", type=click.Path(dir_okay=False))
-@click.option("--task", default="prune", show_default=True, help="prune (a score) or allocate (SDSA).")
+@click.option("--task", default="prune", show_default=True,
+              help="prune (a score), allocate (SDSA) or mpq (a quantization sensitivity).")
 def check(program_file, task):
     """Parse a candidate program (never executed): print its canonical form and hash, or why it is rejected.
 
@@ -413,6 +485,15 @@ def _parse_overrides(items) -> dict:
         key, value = item.split("=", 1)
         out[key.strip()] = yaml.safe_load(value)
     return out
+
+
+def _bits_by_block(layers: list[str], bits: list[int]) -> list[dict]:
+    """One row per block, one column per linear ('3.self_attn.q_proj' -> block 3, q_proj)."""
+    rows: dict[str, dict] = {}
+    for key, b in zip(layers, bits):
+        block, _, name = key.partition(".")
+        rows.setdefault(block, {"block": block})[name.rpartition(".")[2]] = b
+    return list(rows.values())
 
 
 def _print_table(rows: list[dict], title: str = "") -> None:

@@ -30,6 +30,28 @@ class TargetConfig:
 
 
 @dataclass
+class QuantSettings:
+    """Task mpq: the budget, and how a candidate's bit allocation is built and measured."""
+    avg_bits: float = 3.25            # average bits per weight, each group's fp16 scale and zero included
+    group_size: int = 128
+    bits: list[int] = field(default_factory=lambda: [2, 3, 4, 8])
+    allocator: str = "ilp"            # ilp (exact) or greedy
+    quantizer: str = "rtn"            # rtn, or gptq
+    measure_layers: int = 16          # rank correlation: layers quantized alone, a fixed sample
+    measure_bits: int = 2               # one layer at 3 bits moves the NLL less than its noise on 2k tokens
+    measure_tokens: int = 2048
+
+    def quant_config(self, **extra):
+        from autoprune_ray.compress.quantize import QuantConfig
+        return QuantConfig(avg_bits=self.avg_bits, group_size=self.group_size, choices=tuple(self.bits),
+                           allocator=self.allocator, quantizer=self.quantizer, **extra)
+
+    def measure_config(self):
+        from autoprune_ray.compress.mpq_fitness import MeasureConfig
+        return MeasureConfig(self.measure_layers, self.measure_bits, self.measure_tokens)
+
+
+@dataclass
 class PolicyConfig:
     """The LLM that writes candidates."""
     backend: str = "transformers"    # transformers | vllm | openai | scripted
@@ -120,6 +142,7 @@ class RunConfig:
     task: str = "prune"
     run_dir: str = "runs/{name}"
     target: TargetConfig = field(default_factory=TargetConfig)
+    quant: QuantSettings = field(default_factory=QuantSettings)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     evaluators: EvaluatorConfig = field(default_factory=EvaluatorConfig)
@@ -155,7 +178,20 @@ class RunConfig:
         _check(self.search.eval_time_limit > 0, "search.eval_time_limit", "must be positive")
         _check(self.evaluators.num >= 1, "evaluators.num", "must be at least 1")
         self._validate_dpo()
+        if self.task == "mpq":
+            self._validate_quant()
         return self
+
+    def _validate_quant(self) -> None:
+        q = self.quant
+        try:
+            q.quant_config(method="uniform").validate()   # the program comes with each candidate
+        except ValueError as exc:
+            raise ConfigError(f"quant: {exc}") from None
+        _check(q.measure_bits in q.bits, "quant.measure_bits", f"must be one of quant.bits {q.bits}")
+        _check(q.measure_layers >= 2, "quant.measure_layers", "a rank correlation needs at least 2 layers")
+        _check(q.measure_tokens >= self.target.seqlen, "quant.measure_tokens",
+               f"at least one window of target.seqlen {self.target.seqlen}")
 
     def _validate_dpo(self) -> None:
         d, st = self.dpo, self.strategy

@@ -34,7 +34,7 @@ from autoprune_ray.llm.strategy import StrategyController, strategy_name
 from autoprune_ray.operators import prompts as P
 from autoprune_ray.operators import symbolic
 from autoprune_ray.operators.language import Candidate, CandidateError, parse
-from autoprune_ray.operators.seeds import score_seeds
+from autoprune_ray.operators.seeds import task_seeds
 
 log = logging.getLogger("autoprune_ray.engine")
 LLM_OPERATORS = ("llm_init", "llm_mutate", "llm_crossover", "gcot")
@@ -131,7 +131,7 @@ class Search:
 
     def _unavailable_inputs(self, cand: Candidate) -> set[str]:
         """Inputs the program reads that the evaluators do not collect (G without gradients)."""
-        if self.cfg.task != "prune" or self.cfg.target.gradients:
+        if self.cfg.task not in ("prune", "mpq") or self.cfg.target.gradients:
             return set()
         return {"G"} & {n.value for n in walk(cand.tree) if n.op == "input"}
 
@@ -142,7 +142,8 @@ class Search:
                "fitness": fitness_from_perplexity(result.get("perplexity")) if status == "ok" else None,
                "sparsity": result.get("sparsity"), "seconds": result.get("seconds"), "worker": result.get("worker"),
                "reason": result.get("reason", ""), "attempts": job.get("attempts", 0),
-               "finished": time.time() - self.t0, "node": result.get("node")}
+               "finished": time.time() - self.t0, "node": result.get("node"),
+               **{k: result.get(k) for k in ("avg_bits", "spearman", "kendall")}}
         self.store.append("evaluations", row)
         self.evaluated += 1
         self.metrics.inc("evaluated")
@@ -290,8 +291,8 @@ class Search:
 
     # ------------------------------------------------------------------ proposals
     def seed_population(self) -> None:
-        if self.cfg.search.seeds and self.cfg.task == "prune":
-            for name, cand in score_seeds().items():
+        if self.cfg.search.seeds:
+            for name, cand in task_seeds(self.cfg.task).items():
                 if self._unavailable_inputs(cand):
                     continue   # weight-gradient needs gradient statistics (target.gradients)
                 self.propose(cand, source=cand.code, operator="seed", island=self.population.next_island(),
@@ -334,19 +335,19 @@ class Search:
             self.propose(child, source=child.code, operator=op, island=island, parents=parents)
 
     def build_prompt(self, op: str) -> tuple[str, int, list[int]]:
-        island = self.population.next_island()
+        island, task = self.population.next_island(), self.cfg.task
         feedback = P.feedback_lines(list(self.rejections))
         if op == "llm_init":
             examples = [(i.code, i.fitness) for i in self.population.elites(island)[:3]]
-            return P.init_prompt(examples, feedback), island, []
+            return P.init_prompt(examples, feedback, task), island, []
         if op == "llm_crossover":
             a, b = self.population.sample_parents(island, 2)
-            return P.crossover_prompt(a.code, a.fitness, b.code, b.fitness, feedback), island, [a.candidate_id,
-                                                                                                b.candidate_id]
+            return (P.crossover_prompt(a.code, a.fitness, b.code, b.fitness, feedback, task), island,
+                    [a.candidate_id, b.candidate_id])
         parent = self.population.sample_parents(island, 1)[0]
         if op == "gcot":
-            return P.gcot_prompt(self.lineage_graph(parent.candidate_id)), island, [parent.candidate_id]
-        return P.mutate_prompt(parent.code, parent.fitness, feedback), island, [parent.candidate_id]
+            return P.gcot_prompt(self.lineage_graph(parent.candidate_id), task), island, [parent.candidate_id]
+        return P.mutate_prompt(parent.code, parent.fitness, feedback, task), island, [parent.candidate_id]
 
     def lineage_graph(self, root: int, limit: int = 8) -> "P.LineageGraph":
         """The parent's ancestors and their other children, with fitness, for graph-driven CoT."""

@@ -16,20 +16,26 @@ import torch
 from autoprune_ray.compress.data import load_token_data
 from autoprune_ray.compress.fitness import ProgramEvaluator
 from autoprune_ray.compress.models import load_model
-from autoprune_ray.engine.config import TargetConfig
+from autoprune_ray.compress.mpq_fitness import SensitivityEvaluator
+from autoprune_ray.engine.config import QuantSettings, TargetConfig
 from autoprune_ray.operators.language import CandidateError, parse
 
 
 class EvaluatorWorker:
     def __init__(self, target: TargetConfig, task: str = "prune", fault_injection: dict | None = None,
-                 worker_id: int = 0):
+                 worker_id: int = 0, quant: QuantSettings | None = None):
         torch.set_num_threads(max(1, int(os.environ.get("AUTOPRUNE_EVAL_THREADS", torch.get_num_threads()))))
         self.target, self.task, self.worker_id = target, task, worker_id
         self.faults = fault_injection or {}
         self.lm = load_model(target.model, device=target.device)
         self.data = load_token_data(self.lm.tokenizer, target.calib_data, None, target.nsamples, target.seqlen,
                                     target.seed, target.eval_tokens)
-        self.evaluator = ProgramEvaluator(self.lm, self.data, with_grad=target.gradients)
+        if task == "mpq":
+            quant = quant or QuantSettings()
+            self.evaluator = SensitivityEvaluator(self.lm, self.data, quant.quant_config(), quant.measure_config(),
+                                                  with_grad=target.gradients)
+        else:
+            self.evaluator = ProgramEvaluator(self.lm, self.data, with_grad=target.gradients)
         self.started = time.time()
         self.node = _node_id()
 
@@ -40,13 +46,12 @@ class EvaluatorWorker:
         """job: candidate_id, hash, code, granularity, proxy_cutoff (None: always measure perplexity)."""
         start = time.perf_counter()
         out = {"candidate_id": job["candidate_id"], "hash": job["hash"], "worker": self.worker_id,
-               "pid": os.getpid(), "node": self.node, "proxy": None, "perplexity": None, "sparsity": None, "reason": ""}
+               "pid": os.getpid(), "node": self.node, "proxy": None, "perplexity": None, "reason": ""}
         try:
             self._inject_faults(job["code"])
             cand = parse(job["code"], self.task, job.get("granularity", "row"))
-            fit = self.evaluator.proxy(cand.tree, self.target.sparsity, self.target.pattern, cand.granularity,
-                                       keep_masks=True)
-            out.update(proxy=fit.proxy, sparsity=fit.sparsity)
+            fit, columns = self._first_stage(cand)
+            out.update(columns)
             cutoff = job.get("proxy_cutoff")
             if cutoff is None or fit.proxy <= cutoff:
                 out["perplexity"] = self.evaluator.perplexity_of_last(fit).perplexity
@@ -64,6 +69,17 @@ class EvaluatorWorker:
             self.evaluator.restore()
         out["seconds"] = time.perf_counter() - start
         return out
+
+    def _first_stage(self, cand):
+        """The forward-free fitness, and the columns it adds to the candidate's record."""
+        if self.task == "mpq":
+            fit = self.evaluator.proxy(cand.tree)
+            extra = {"avg_bits": fit.avg_bits, "spearman": fit.spearman, "kendall": fit.kendall}
+        else:
+            fit = self.evaluator.proxy(cand.tree, self.target.sparsity, self.target.pattern, cand.granularity,
+                                       keep_masks=True)
+            extra = {"sparsity": fit.sparsity}
+        return fit, extra | {"proxy": fit.proxy}
 
     def _inject_faults(self, code: str) -> None:
         """Testing aid for fault tolerance: hang or kill this process on matching programs; and a

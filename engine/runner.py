@@ -39,7 +39,7 @@ class ActorPool:
         Evaluator = ray.remote(EvaluatorWorker)
         self.evaluators = [Evaluator.options(
             name=f"{name}:evaluator-{i}", num_cpus=ev.num_cpus, num_gpus=ev.num_gpus, max_restarts=ev.max_restarts,
-            max_task_retries=0).remote(cfg.target, cfg.task, ev.fault_injection, i) for i in range(ev.num)]
+            max_task_retries=0).remote(cfg.target, cfg.task, ev.fault_injection, i, cfg.quant) for i in range(ev.num)]
         self.policy = ray.remote(PolicyWorker).options(
             name=f"{name}:policy", num_cpus=0, num_gpus=pol.num_gpus, max_restarts=pol.max_restarts,
             max_task_retries=0).remote(pol)

@@ -32,7 +32,9 @@ SCHEMAS = {
     "evaluations": pa.schema([("candidate_id", _INT), ("hash", _STR), ("status", _STR), ("proxy", _FLOAT),
                               ("perplexity", _FLOAT), ("fitness", _FLOAT), ("sparsity", _FLOAT),
                               ("seconds", _FLOAT), ("worker", _INT), ("reason", _STR), ("attempts", _INT),
-                              ("finished", _FLOAT), ("node", _STR)]),
+                              ("finished", _FLOAT), ("node", _STR),
+                              # task mpq: the allocation's average bits, rank correlation with measured
+                              ("avg_bits", _FLOAT), ("spearman", _FLOAT), ("kendall", _FLOAT)]),
     "lineage": pa.schema([("child_id", _INT), ("parent_id", _INT), ("operator", _STR)]),
     "prompts": pa.schema([("prompt_id", _INT), ("operator", _STR), ("island", _INT), ("prompt", _STR),
                           ("completion", _STR), ("tokens", _INT), ("seconds", _FLOAT), ("adapter", _STR),

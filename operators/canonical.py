@@ -78,7 +78,7 @@ _FUNCS = {"abs": "abs", "sqrt": "sqrt", "log1p": "log1p", "exp": "exp", "square"
 def pretty(tree: Node, task) -> str:
     used = {n.value for n in expr.walk(tree) if n.op == "input"}
     params = [name for name in task.inputs if name in used]
-    name = "score" if task.name == "prune" else "allocate"
+    name = {"prune": "score", "mpq": "sensitivity"}.get(task.name, "allocate")
     return f"def {name}({', '.join(params)}):\n    return {_py(tree)}\n"
 
 

@@ -74,7 +74,24 @@ ALLOCATE = Task(
               "outlier": "share of scores above 5× their mean (OWL's D)", "depth": "depth fraction",
               "size": "layer's share of parameters"},
 )
-TASKS = {"prune": PRUNE, "allocate": ALLOCATE}
+# Mixed-precision sensitivity (TAP): evaluated once per (layer, bit width) on that layer's tensors,
+# with E = Q_b(W) − W the layer's quantization error at the bit width being scored; reduces to one
+# number. The allocator gives fewer bits where the sum of sensitivities grows least.
+MPQ = Task(
+    name="mpq",
+    inputs={"E": MATRIX, "W": MATRIX, "G": MATRIX, "A": COLVEC, "H": COLVEC, "b": SCALAR, "d": SCALAR},
+    aliases={"err": "E", "error": "E", "q_err": "E", "qerr": "E", "delta": "E", "dw": "E", "e": "E",
+             "weight": "W", "weights": "W", "w": "W", "grad": "G", "g": "G", "grad_rms": "G", "gradient": "G",
+             "act": "A", "a": "A", "norm": "A", "x_norm": "A", "act_norm": "A", "activation": "A", "x": "A",
+             "hdiag": "H", "h_diag": "H", "gram_diag": "H", "h": "H", "bits": "b", "nbits": "b",
+             "depth": "d", "layer_frac": "d", "depth_frac": "d"},
+    result_must_vary="scalar",
+    describe={"E": "quantization error Q(W) - W at the bit width being scored [out, in]",
+              "W": "weight [out, in]", "G": "gradient RMS [out, in]", "A": "input-channel L2 norm [in]",
+              "H": "Gram diagonal (sum over tokens of x_j^2) [in]", "b": "the bit width being scored (scalar)",
+              "d": "layer depth fraction in [0, 1] (scalar)"},
+)
+TASKS = {"prune": PRUNE, "allocate": ALLOCATE, "mpq": MPQ}
 
 
 @dataclass(frozen=True)
@@ -463,6 +480,18 @@ def check_tree(tree: Node, task: Task) -> None:
                              "and avoid reducing them away")
     if task.result_must_vary == "rows" and not shape.rows:
         raise CandidateError("the allocation must give one value per layer: use the per-layer inputs")
+    if task.result_must_vary == "scalar":
+        _check_sensitivity(tree, shape)
+
+
+def _check_sensitivity(tree: Node, shape: Shape) -> None:
+    if shape.rows or shape.cols:
+        raise CandidateError("the sensitivity must reduce to one number per layer: sum or mean over all "
+                             "weights, e.g. (E ** 2 * H).sum()")
+    used = {n.value for n in expr.walk(tree) if n.op == "input"}
+    if not used & {"E", "b"}:
+        raise CandidateError("the sensitivity must depend on the quantization error E (or the bits b), "
+                             "otherwise every bit width looks the same")
 
 
 def tree_hash(tree: Node) -> str:

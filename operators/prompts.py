@@ -1,6 +1,7 @@
 """Prompts for the policy LLM: plain strings (the backends apply chat templates).
 
-Every prompt opens with the same description of the candidate language (`PREAMBLE`) and ends
+Every prompt opens with the task's description of the candidate language (`PREAMBLE` for pruning
+metrics, `MPQ_PREAMBLE` for quantization sensitivities) and ends
 with the required output (`OUTPUT_RULE`). Variable parts (feedback, lineage edges) are fitted
 into a character budget, dropping the oldest items first, so that a prompt stays well inside
 SmolLM2's 8k-token context (~1500 tokens). Builders are pure: same inputs, same string.
@@ -12,8 +13,8 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from autoprune_ray.operators.language import MAX_CONST, MAX_DEPTH, MAX_EXPONENT, MAX_NODES, PRUNE, \
-    CandidateError, extract_function
+from autoprune_ray.operators.language import MAX_CONST, MAX_DEPTH, MAX_EXPONENT, MAX_NODES, MPQ, PRUNE, \
+    CandidateError, Task, extract_function
 
 MAX_PROMPT_CHARS = 3600        # ~1500 tokens: English runs ~3.4 characters a token, code ~2.1
 FEEDBACK_CHARS = 700
@@ -23,30 +24,62 @@ _REASON_CHARS = 160
 
 _SHAPE_NOTES = {"A": "one value per input column", "M": "one value per input column",
                 "V": "one value per input column", "H": "one value per input column"}
-_INPUTS = "\n".join(f"  {name}: {PRUNE.describe[name]}" + (f", {_SHAPE_NOTES[name]}" if name in _SHAPE_NOTES else "")
-                    for name in PRUNE.inputs)
+
+
+def _inputs(task: Task) -> str:
+    return "\n".join(f"  {name}: {task.describe[name]}" + (f", {_SHAPE_NOTES[name]}" if name in _SHAPE_NOTES else "")
+                     for name in task.inputs)
+
+
+_RULES = f"""Allowed: + - * /, x ** c with a constant c in [-{MAX_EXPONENT:g}, {MAX_EXPONENT:g}], abs, sqrt, exp, log1p, \
+square, sigmoid, tanh, maximum(a, b), minimum(a, b), clamp(x, min=a, max=b), numbers.
+Reductions: x.sum, mean, std, norm, max, min with dim=1 (along a row, over inputs) or dim=0 (down a column, \
+over outputs); they always keep the dimension, as with keepdim=True.
+Division, sqrt and pow are guarded against zero; log is not allowed (use log1p). You may assign local \
+variables; end with one return. No loops, if, imports or other functions.
+Limits: at most {MAX_NODES} operations, {MAX_DEPTH} levels of nesting, constants up to {MAX_CONST:g}."""
 
 PREAMBLE = f"""You design pruning metrics for a language model. A metric is one Python function that gives \
 every weight of a linear layer a score. Higher score = keep the weight. Scores are compared within each \
 output row (each row of W): the lowest-scoring weights of a row are pruned.
 
 Inputs (take only those you use as parameters):
-{_INPUTS}
+{_inputs(PRUNE)}
 Vectors broadcast against [out, in] matrices.
-Allowed: + - * /, x ** c with a constant c in [-{MAX_EXPONENT:g}, {MAX_EXPONENT:g}], abs, sqrt, exp, log1p, \
-square, sigmoid, tanh, maximum(a, b), minimum(a, b), clamp(x, min=a, max=b), numbers.
-Reductions: x.sum, mean, std, norm, max, min with dim=1 (along a row, over inputs) or dim=0 (down a column, \
-over outputs); they always keep the dimension, as with keepdim=True.
-Division, sqrt and pow are guarded against zero; log is not allowed (use log1p). You may assign local \
-variables; end with one return. No loops, if, imports or other functions.
-Limits: at most {MAX_NODES} operations, {MAX_DEPTH} levels of nesting, constants up to {MAX_CONST:g}. The \
-result must vary per weight, so use W or G.
+{_RULES} The result must vary per weight, so use W or G.
 Format example (syntax only, not a good metric):
 ```python
 def score(W, A):
     x = W.abs()
     return x / x.mean(dim=1, keepdim=True) + 0.1 * A
 ```"""
+
+MPQ_PREAMBLE = f"""You design sensitivity proxies for mixed-precision quantization of a language model. A \
+proxy is one Python function called for one linear layer quantized to b bits; it returns one number: how \
+much the model suffers from that layer's quantization error. An allocator then gives more bits to the \
+layers whose sensitivity drops most per extra bit, under an average-bits budget, so what matters is \
+ranking layers and bit widths correctly.
+
+Inputs (take only those you use as parameters):
+{_inputs(MPQ)}
+Vectors broadcast against [out, in] matrices.
+{_RULES} The result must be ONE number per layer (reduce over all weights: .sum() or .mean() with no dim) \
+and must use E (or b).
+Format example (syntax only, not a good proxy):
+```python
+def sensitivity(E, A):
+    x = E.abs() * A
+    return x.sum() / (1 + A.mean())
+```"""
+
+PREAMBLES = {"prune": PREAMBLE, "mpq": MPQ_PREAMBLE}
+NOUNS = {"prune": "metric", "mpq": "proxy"}
+
+
+def preamble(task: str) -> str:
+    if task not in PREAMBLES:
+        raise ValueError(f"no prompts for task {task!r}: {', '.join(PREAMBLES)}")
+    return PREAMBLES[task]
 
 OUTPUT_RULE = "Answer with ONE python function in a ```python fence. No prose needed."
 
@@ -126,37 +159,42 @@ def feedback_lines(rejections: list[tuple[str, str]]) -> list[str]:
     return out
 
 
-def init_prompt(examples: list[tuple[str, float | None]], feedback: list[str] = ()) -> str:
-    """A new metric: from scratch when `examples` is empty (no expert knowledge), otherwise
+def _with_feedback(task: str, body: str, feedback: list[str]) -> str:
+    head = preamble(task)
+    room = min(FEEDBACK_CHARS, _room(head, body, OUTPUT_RULE))
+    return _assemble(head, body, _feedback_section(list(feedback), room), OUTPUT_RULE)
+
+
+def init_prompt(examples: list[tuple[str, float | None]], feedback: list[str] = (), task: str = "prune") -> str:
+    """A new program: from scratch when `examples` is empty (no expert knowledge), otherwise
     shown the (code, fitness) examples."""
+    noun = NOUNS[task]
     if examples:
-        shown = "\n".join(_program(code, fit, f"Known metric {k + 1}") for k, (code, fit) in enumerate(examples))
-        task = (f"{shown}\nWrite a NEW metric, different from these, that could get a higher fitness "
+        shown = "\n".join(_program(code, fit, f"Known {noun} {k + 1}") for k, (code, fit) in enumerate(examples))
+        body = (f"{shown}\nWrite a NEW {noun}, different from these, that could get a higher fitness "
                 "(it may combine their ideas or use other inputs).")
+    elif task == "mpq":
+        body = ("Invent a new proxy from scratch: decide what makes a layer's quantization error hurt the "
+                "model's output and write a sensitivity for it.")
     else:
-        task = ("Invent a new metric from scratch: decide which weights matter most for the layer's output "
+        body = ("Invent a new metric from scratch: decide which weights matter most for the layer's output "
                 "and write a score for it.")
-    return _assemble(PREAMBLE, task, _feedback_section(list(feedback), min(FEEDBACK_CHARS, _room(PREAMBLE, task,
-                                                                                                    OUTPUT_RULE))),
-                     OUTPUT_RULE)
+    return _with_feedback(task, body, feedback)
 
 
-def mutate_prompt(parent_code: str, parent_fitness: float | None, feedback: list[str] = ()) -> str:
-    task = (_program(parent_code, parent_fitness, "Parent metric") +
+def mutate_prompt(parent_code: str, parent_fitness: float | None, feedback: list[str] = (),
+                  task: str = "prune") -> str:
+    body = (_program(parent_code, parent_fitness, f"Parent {NOUNS[task]}") +
             "\nWrite an improved variant of the parent: change one idea (a term, an exponent, a normalization "
             "or an input), not just names or formatting.")
-    return _assemble(PREAMBLE, task, _feedback_section(list(feedback), min(FEEDBACK_CHARS, _room(PREAMBLE, task,
-                                                                                                    OUTPUT_RULE))),
-                     OUTPUT_RULE)
+    return _with_feedback(task, body, feedback)
 
 
 def crossover_prompt(parent_a: str, fitness_a: float | None, parent_b: str, fitness_b: float | None,
-                     feedback: list[str] = ()) -> str:
-    task = (_program(parent_a, fitness_a, "Parent A") + "\n" + _program(parent_b, fitness_b, "Parent B") +
-            "\nWrite a child metric that combines the strongest parts of A and B into one score.")
-    return _assemble(PREAMBLE, task, _feedback_section(list(feedback), min(FEEDBACK_CHARS, _room(PREAMBLE, task,
-                                                                                                    OUTPUT_RULE))),
-                     OUTPUT_RULE)
+                     feedback: list[str] = (), task: str = "prune") -> str:
+    body = (_program(parent_a, fitness_a, "Parent A") + "\n" + _program(parent_b, fitness_b, "Parent B") +
+            f"\nWrite a child {NOUNS[task]} that combines the strongest parts of A and B into one program.")
+    return _with_feedback(task, body, feedback)
 
 
 # ---------------------------------------------------------------- graph-driven chain of thought
@@ -204,26 +242,26 @@ def _edge_text(edge: LineageEdge, nodes: dict[int, LineageNode]) -> str:
             f"{code_diff(parent.code, child.code)}")
 
 
-def gcot_prompt(graph: LineageGraph) -> str:
+def gcot_prompt(graph: LineageGraph, task: str = "prune") -> str:
     """Reason along the lineage edges (what change helped, what hurt), then write the next program."""
-    nodes = {n.id: n for n in graph.nodes}
+    nodes, noun, head_text = {n.id: n for n in graph.nodes}, NOUNS[task], preamble(task)
     scored = [n for n in graph.nodes if n.fitness is not None and math.isfinite(n.fitness)]
     if scored:
         best = max(scored, key=lambda n: (n.fitness, -n.id))
-        head = _program(best.code, best.fitness, f"Best metric so far, #{best.id}")
+        head = _program(best.code, best.fitness, f"Best {noun} so far, #{best.id}")
     elif graph.nodes:
-        head = _program(graph.nodes[-1].code, None, f"Latest metric, #{graph.nodes[-1].id}")
+        head = _program(graph.nodes[-1].code, None, f"Latest {noun}, #{graph.nodes[-1].id}")
     else:
-        head = "No metric has been evaluated yet."
+        head = f"No {noun} has been evaluated yet."
     ask = ("First reason briefly along the edges: which code change raised fitness, which lowered it, and why. "
-           "Then write the next metric, one that should beat the best so far.")
+           f"Then write the next {noun}, one that should beat the best so far.")
     rejected = _feedback_section(list(graph.rejections)[:5], 600)
-    room = _room(PREAMBLE, head, rejected, ask, OUTPUT_RULE) - 80
+    room = _room(head_text, head, rejected, ask, OUTPUT_RULE) - 80
     edges = [_edge_text(e, nodes) for e in graph.edges if e.parent_id in nodes and e.child_id in nodes]
     edges = _fit_newest(edges, room)
-    lineage = ("How the metrics evolved (fitness: higher is better), each edge with its code diff:\n" +
+    lineage = (f"How the {noun}s evolved (fitness: higher is better), each edge with its code diff:\n" +
                "\n".join(edges)) if edges else ""
-    return _assemble(PREAMBLE, head, lineage, rejected, ask, OUTPUT_RULE)
+    return _assemble(head_text, head, lineage, rejected, ask, OUTPUT_RULE)
 
 
 _FENCED = re.compile(r"```python\n(.*?)```", re.S)

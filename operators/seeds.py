@@ -1,5 +1,6 @@
 """Expert seeds written in the candidate language. Each reproduces a compress/ baseline exactly:
-the same mask for a score seed, the same block sparsities for an allocation seed."""
+the same mask for a score seed, the same block sparsities for an allocation seed, the same
+per-(layer, bits) sensitivities for a mixed-precision seed."""
 from __future__ import annotations
 
 from autoprune_ray.operators.language import Candidate, parse
@@ -22,9 +23,28 @@ ALLOCATION_SEEDS = {
 }
 
 
+# Mixed-precision sensitivity proxies (task mpq): one number per (layer, bit width).
+SENSITIVITY_SEEDS = {
+    # HAWQ-v3's Ω = Tr(H)/n · ||Q(W) − W||², with the layer-output Hessian X Xᵀ standing in for Tr(H)/n
+    "hawq": "def sensitivity(E, H):\n    return H.mean() * (E ** 2).sum()\n",
+    # the diagonal of ||(Q(W) − W) X||²: each input channel's error weighted by its energy
+    "output-error": "def sensitivity(E, H):\n    return (E ** 2 * H).sum()\n",
+    "weight-error": "def sensitivity(E):\n    return (E ** 2).sum()\n",
+}
+
+
 def score_seeds() -> dict[str, Candidate]:
     return {name: parse(src, "prune", granularity) for name, (src, granularity) in SCORE_SEEDS.items()}
 
 
 def allocation_seeds() -> dict[str, Candidate]:
     return {name: parse(src, "allocate") for name, src in ALLOCATION_SEEDS.items()}
+
+
+def sensitivity_seeds() -> dict[str, Candidate]:
+    return {name: parse(src, "mpq") for name, src in SENSITIVITY_SEEDS.items()}
+
+
+def task_seeds(task: str) -> dict[str, Candidate]:
+    """The seeds a search of `task` starts from (allocation searches start from none)."""
+    return {"prune": score_seeds, "mpq": sensitivity_seeds}.get(task, dict)()

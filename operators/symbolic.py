@@ -43,13 +43,25 @@ def random_tree(rng: random.Random, task: str = "prune", depth: int = 3) -> Node
         return Node(rng.choice(UNARY), (random_tree(rng, task, depth - 1),))
     if roll < 0.5:
         return Node("pow", (random_tree(rng, task, depth - 1),), rng.choice([0.25, 0.5, 1.5, 2.0, 3.0, -0.5]))
-    if roll < 0.6 and task == "prune":
+    if roll < 0.6 and task in ("prune", "mpq"):
         return Node(rng.choice(REDUCE), (random_tree(rng, task, depth - 1),))
     return Node(rng.choice(BINARY), (random_tree(rng, task, depth - 1), random_tree(rng, task, depth - 1)))
 
 
+def _reduce_fully(tree: Node, task: str) -> Node:
+    """A sensitivity (mpq) is one number per layer: sum whatever a variation left unreduced."""
+    shape = expr.shape_of(tree, TASKS[task].inputs)
+    if shape.cols:
+        tree = Node("sum_row", (tree,))
+    if shape.rows:
+        tree = Node("sum_col", (tree,))
+    return tree
+
+
 def _finish(tree: Node, task: str, parents: tuple[Candidate, ...]) -> Candidate | None:
     try:
+        if TASKS[task].result_must_vary == "scalar":
+            tree = _reduce_fully(tree, task)
         tree = canonicalize(tree)
         check_tree(tree, TASKS[task])
     except CandidateError:

@@ -1,0 +1,149 @@
+"""Mixed-precision weight-only quantization of a model: sensitivities, a bit allocation under an
+average-bits budget, then per-layer fake quantization (RTN or GPTQ), in place.
+
+    result = quantize_model(lm, data, QuantConfig(method="hawq", avg_bits=3.25))
+    result.avg_bits, result.bits            # achieved average (counting group scales), per layer
+
+The budget counts each group's fp16 scale and zero (compress.bits): at group size 128, uniform
+3-bit weights cost 3.25 bits. Methods: uniform, hawq (gram | hutchinson), aptq, program (a TAP
+proxy in the candidate language). See compress.sensitivity for what each one measures.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from autoprune_ray.kernels.expr import Node
+from autoprune_ray.kernels.quant import check_bits, check_group_size, fake_quantize
+
+from . import bits as bitalloc
+from .data import TokenData
+from .gptq import gptq_quantize
+from .models import LoadedModel
+from .sensitivity import (QuantLayer, aptq_sensitivity, hawq_sensitivity, hutchinson_traces, program_sensitivity,
+                          quant_layers)
+from .stats import CalibrationStats, calibration_stats
+
+METHODS = ("uniform", "hawq", "aptq", "program")
+HESSIANS = ("gram", "hutchinson")
+QUANTIZERS = ("rtn", "gptq")
+
+
+@dataclass
+class QuantConfig:
+    method: str = "hawq"
+    avg_bits: float = 3.25                  # average bits per weight, group scale and zero included
+    group_size: int = 128
+    choices: tuple[int, ...] = (2, 3, 4, 8)
+    allocator: str = "ilp"                  # ilp (exact, scipy milp) or greedy
+    quantizer: str = "rtn"                  # rtn, or gptq on the dense model's Gram matrices
+    hessian: str = "gram"                   # hawq: gram (X Xᵀ) or hutchinson (LM-loss Hessian)
+    hutchinson_windows: int = 4
+    hutchinson_probes: int = 2
+    aptq_windows: int = 16                  # calibration windows the APTQ-style measurement uses
+    program: Node | None = None             # method program: a sensitivity tree (task mpq)
+    gptq_damp: float = 0.01
+    gptq_blocksize: int = 128
+
+    def validate(self) -> "QuantConfig":
+        _choose("method", self.method, METHODS)
+        _choose("hessian", self.hessian, HESSIANS)
+        _choose("quantizer", self.quantizer, QUANTIZERS)
+        _choose("allocator", self.allocator, bitalloc.METHODS)
+        check_group_size(self.group_size)
+        for b in self.choices:
+            check_bits(b)
+        if list(self.choices) != sorted(set(self.choices)):
+            raise ValueError(f"bit choices must be increasing and distinct, got {list(self.choices)}")
+        if (self.method == "program") != (self.program is not None):
+            raise ValueError("method 'program' and a sensitivity program go together")
+        return self
+
+    @property
+    def label(self) -> str:
+        name = "hawq-hutchinson" if self.method == "hawq" and self.hessian == "hutchinson" else self.method
+        return f"{name} {self.quantizer}" if self.quantizer != "rtn" else name
+
+
+def _choose(key: str, value: str, options) -> None:
+    if value not in options:
+        raise ValueError(f"unknown {key} {value!r}: choose one of {', '.join(options)}")
+
+
+@dataclass
+class QuantResult:
+    config: QuantConfig
+    layers: list[str]
+    bits: list[int]
+    avg_bits: float
+    sensitivity: np.ndarray | None = None
+    seconds: float = 0.0
+    histogram: dict[int, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        cfg = asdict(self.config) | {"program": None}
+        return {"config": cfg, "label": self.config.label, "avg_bits": self.avg_bits,
+                "bits": dict(zip(self.layers, self.bits)), "histogram": self.histogram, "seconds": self.seconds}
+
+
+def layer_sizes(layers: list[QuantLayer]) -> list[bitalloc.LayerSize]:
+    return [bitalloc.LayerSize(layer.key, *layer.linear.weight.shape) for layer in layers]
+
+
+def sensitivity_table(lm: LoadedModel, data: TokenData, cfg: QuantConfig, layers: list[QuantLayer],
+                      stats: CalibrationStats | None = None) -> np.ndarray | None:
+    """[L, B] sensitivities of `cfg.method` on the dense model (None for uniform)."""
+    dense = [layer.linear.weight.data for layer in layers]
+    choices = list(cfg.choices)
+    if cfg.method == "uniform":
+        return None
+    if cfg.method == "aptq":
+        return aptq_sensitivity(lm, data.calibration[:cfg.aptq_windows], choices, cfg.group_size)
+    if cfg.method == "hawq" and cfg.hessian == "hutchinson":
+        traces = hutchinson_traces(lm, data.calibration[:cfg.hutchinson_windows], cfg.hutchinson_probes, data.seed)
+        return hawq_sensitivity(traces, dense, choices, cfg.group_size)
+    from autoprune_ray.operators.seeds import SENSITIVITY_SEEDS
+    from autoprune_ray.operators.language import parse
+    tree = cfg.program if cfg.method == "program" else parse(SENSITIVITY_SEEDS["hawq"], "mpq").tree
+    stats = stats or calibration_stats(lm, data, "one-pass", with_gram=False)
+    return program_sensitivity(tree, layers, dense, stats, choices, cfg.group_size)
+
+
+def allocate_bits(table: np.ndarray | None, cfg: QuantConfig, sizes: list[bitalloc.LayerSize]) -> list[int]:
+    if table is None:
+        return [bitalloc.uniform_bits(list(cfg.choices), sizes, cfg.avg_bits, cfg.group_size)] * len(sizes)
+    return bitalloc.allocate(cfg.allocator, table, list(cfg.choices), sizes, cfg.avg_bits, cfg.group_size)
+
+
+def apply_bits(layers: list[QuantLayer], bits: list[int], cfg: QuantConfig, stats: CalibrationStats | None = None,
+               dense: list[torch.Tensor] | None = None) -> None:
+    """Fake-quantize every layer in place at its bit width, from `dense` weights when given."""
+    for k, (layer, b) in enumerate(zip(layers, bits)):
+        weight = dense[k] if dense is not None else layer.linear.weight.data
+        if cfg.quantizer == "gptq":
+            gram = stats.blocks[layer.block][layer.name].gram
+            new = gptq_quantize(weight, gram, b, cfg.group_size, cfg.gptq_blocksize, cfg.gptq_damp)
+        else:
+            new = fake_quantize(weight, b, cfg.group_size)[0]
+        layer.linear.weight.data.copy_(new)
+
+
+def quantize_model(lm: LoadedModel, data: TokenData | None, cfg: QuantConfig) -> QuantResult:
+    """Quantize `lm` in place. Uniform RTN needs no data; everything else calibrates on `data`."""
+    cfg.validate()
+    if data is None and (cfg.method != "uniform" or cfg.quantizer == "gptq"):
+        raise ValueError(f"{cfg.label} needs calibration data")
+    start = time.perf_counter()
+    layers = quant_layers(lm.model)
+    sizes = layer_sizes(layers)
+    stats = calibration_stats(lm, data, "one-pass", with_gram=True) if data is not None else None
+    table = sensitivity_table(lm, data, cfg, layers, stats)
+    chosen = allocate_bits(table, cfg, sizes)
+    apply_bits(layers, chosen, cfg, stats)
+    histogram = {b: chosen.count(b) for b in cfg.choices}
+    return QuantResult(cfg, [layer.key for layer in layers], chosen,
+                       bitalloc.average_bits(sizes, chosen, cfg.group_size), table,
+                       time.perf_counter() - start, histogram)
