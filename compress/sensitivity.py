@@ -125,9 +125,10 @@ def hawq_sensitivity(traces: list[float], dense: list[torch.Tensor], choices: li
 
 # ---------------------------------------------------------------- APTQ-style, attention-aware
 
-def _sub_block(block: nn.Module, linear_name: str) -> nn.Module:
-    """The module whose output a linear's error is measured on: `self_attn` for self_attn.q_proj."""
-    return block.get_submodule(linear_name.rpartition(".")[0]) if "." in linear_name else block
+def _sub_block_name(linear_name: str) -> str:
+    """The module whose output a linear's error is measured on: `self_attn` for self_attn.q_proj
+    ('' — the whole block — for a linear directly in it)."""
+    return linear_name.rpartition(".")[0]
 
 
 class _Calls:
@@ -159,7 +160,7 @@ def aptq_sensitivity(lm: LoadedModel, windows: torch.Tensor, choices: list[int],
     inputs, rows = walker.inputs, []
     for block in tqdm(walker.layers, desc="aptq", leave=False):
         linears = block_linears(block)
-        recorders = {n: _Calls(_sub_block(block, n)) for n in {n.rpartition(".")[0] for n in linears}}
+        recorders = {sub: _Calls(block.get_submodule(sub)) for sub in {_sub_block_name(n) for n in linears}}
         try:
             outputs = walker.run_block(block, inputs)
         finally:
@@ -171,7 +172,8 @@ def aptq_sensitivity(lm: LoadedModel, windows: torch.Tensor, choices: list[int],
             row = []
             for bits in choices:
                 lin.weight.data.copy_(fake_quantize(dense, bits, group_size)[0])
-                row.append(_output_change(_sub_block(block, name), recorders[name.rpartition(".")[0]].calls) / scale)
+                sub = _sub_block_name(name)
+                row.append(_output_change(block.get_submodule(sub), recorders[sub].calls) / scale)
             lin.weight.data.copy_(dense)
             rows.append(row)
         inputs = outputs

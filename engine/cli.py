@@ -399,7 +399,8 @@ def stop(job_id, address):
               help="Size preset for the side-by-side table; 'none' skips it.")
 @click.option("--full-split/--capped", default=True, show_default=True,
               help="Evaluate on the whole held-out split (the full protocol) or the preset's cap.")
-@click.option("--baselines", default="wanda,magnitude", show_default=True)
+@click.option("--baselines", default=None,
+              help="Comma-separated; default wanda,magnitude (prune) or uniform,hawq,aptq (mpq).")
 @clear_errors
 def report(run_dir, protocol_name, full_split, baselines):
     """Markdown report with plots; the best program re-measured beside the baselines.
@@ -408,6 +409,7 @@ def report(run_dir, protocol_name, full_split, baselines):
     Examples:
       autoprune-ray report runs/local
       autoprune-ray report runs/local --protocol paper --baselines wanda,sparsegpt,magnitude
+      autoprune-ray report runs/mpq            # the best proxy beside uniform, HAWQ and APTQ-style bits
     """
     from autoprune_ray.engine.report import write_report
     proto = None
@@ -416,7 +418,7 @@ def report(run_dir, protocol_name, full_split, baselines):
         if full_split:
             from dataclasses import replace
             proto = replace(proto, eval_tokens=None)
-    path = write_report(run_dir, proto, [b for b in baselines.split(",") if b])
+    path = write_report(run_dir, proto, [b for b in baselines.split(",") if b] if baselines else None)
     click.echo(path.read_text())
     click.echo(f"written to {path}")
 

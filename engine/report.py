@@ -110,30 +110,58 @@ def plots(cands: pd.DataFrame, evals: pd.DataFrame, chain: list[dict], out: Path
     return files
 
 
+DEFAULT_BASELINES = {"prune": ["wanda", "magnitude"], "mpq": ["uniform", "hawq", "aptq"]}
+
+
+def _runs(config: dict, programs: list[tuple[str, str, str]], baselines: list[str]) -> list[tuple[str, object]]:
+    """(label, compression config) for each program and baseline of the run's task."""
+    from autoprune_ray.operators.language import parse
+
+    task = config["task"]
+    if task == "mpq":
+        from autoprune_ray.engine.config import QuantSettings, from_dict
+        quant = from_dict(QuantSettings, config.get("quant") or {}, "quant")
+        return ([(label, quant.quant_config(method="program", program=parse(code, task).tree))
+                 for label, code, _ in programs] +
+                [(name, quant.quant_config(method=name)) for name in baselines])
+    from autoprune_ray.compress.prune import PruneConfig
+    target = config["target"]
+    return ([(label, PruneConfig(method="program", program=parse(code, task, granularity).tree,
+                                 granularity=granularity, sparsity=target["sparsity"], pattern=target["pattern"]))
+             for label, code, granularity in programs] +
+            [(name, PruneConfig(method=name, sparsity=target["sparsity"], pattern=target["pattern"]))
+             for name in baselines])
+
+
+def _compress(lm, data, cfg) -> dict:
+    """Apply one compression config in place; the column that says how much was compressed."""
+    from autoprune_ray.compress.prune import PruneConfig, prune_model
+    from autoprune_ray.compress.quantize import quantize_model
+
+    if cfg is None:
+        return {}
+    if isinstance(cfg, PruneConfig):
+        return {"sparsity": prune_model(lm, data, cfg).sparsity}
+    return {"avg_bits": quantize_model(lm, data, cfg).avg_bits}
+
+
 def compare_with_baselines(config: dict, programs: list[tuple[str, str, str]], protocol,
                            baselines: list[str]) -> pd.DataFrame:
     """Re-measure programs (label, code, granularity) and the baselines under one protocol
-    (sequential statistics)."""
+    (pruning: sequential statistics; quantization: one-pass statistics, the same budget)."""
     from autoprune_ray.compress.data import load_token_data
     from autoprune_ray.compress.eval import perplexity
     from autoprune_ray.compress.models import load_model
-    from autoprune_ray.compress.prune import PruneConfig, prune_model
-    from autoprune_ray.operators.language import parse
 
     target = config["target"]
-    runs = [(label, PruneConfig(method="program", program=parse(code, config["task"], granularity).tree,
-                                granularity=granularity, sparsity=target["sparsity"], pattern=target["pattern"]))
-            for label, code, granularity in programs]
-    runs += [(name, PruneConfig(method=name, sparsity=target["sparsity"], pattern=target["pattern"]))
-             for name in baselines]
     rows = []
-    for label, cfg in [("dense", None)] + runs:
+    for label, cfg in [("dense", None)] + _runs(config, programs, baselines):
         lm = load_model(target["model"], device=target.get("device"))
         data = load_token_data(lm.tokenizer, protocol.calib_data, protocol.eval_data, protocol.nsamples,
                                protocol.seqlen, protocol.seed, protocol.eval_tokens)
-        result = prune_model(lm, data, cfg) if cfg else None
-        rows.append({"method": label, "sparsity": result.sparsity if result else 0.0,
-                     "perplexity": perplexity(lm, data.evaluation, data.seqlen), **data.describe()})
+        amount = _compress(lm, data, cfg)
+        rows.append({"method": label, **amount, "perplexity": perplexity(lm, data.evaluation, data.seqlen),
+                     **data.describe()})
     return pd.DataFrame(rows)
 
 
@@ -166,16 +194,37 @@ def write_report(run_dir: str | Path, protocol=None, baselines: list[str] | None
                           f"{discovered.perplexity:.3f}):", "", "```python", discovered.code.rstrip(), "```"]
             programs.append(("best discovered", discovered.code, discovered.granularity or "row"))
         if protocol is not None:
-            table = compare_with_baselines(config, programs, protocol, baselines or ["wanda", "magnitude"])
-            table.to_parquet(out / "comparison.parquet")
-            lines += ["", "## Re-measured beside the baselines", "", _markdown(table[["method", "sparsity", "perplexity"]]), "",
-                      _verdict(table), "",
-                      f"Protocol: {table.iloc[0].nsamples}×{table.iloc[0].seqlen} calibration tokens of "
-                      f"{table.iloc[0].calib_data}, sequential statistics, {table.iloc[0].eval_tokens} held-out "
-                      f"tokens of {table.iloc[0].eval_data}."]
+            lines += _comparison(config, programs, protocol, baselines or DEFAULT_BASELINES[config["task"]], out)
+        lines += _rank_correlation(evals, best)
     lines += policy_section(RunStore(run_dir), cands)
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return out / "report.md"
+
+
+def _comparison(config: dict, programs, protocol, baselines: list[str], out: Path) -> list[str]:
+    table = compare_with_baselines(config, programs, protocol, baselines)
+    table.to_parquet(out / "comparison.parquet")
+    amount = "avg_bits" if config["task"] == "mpq" else "sparsity"
+    how = (f"one-pass statistics, budget {config['quant']['avg_bits']} bits per weight with group scales, "
+           f"{config['quant']['quantizer']} rounding" if config["task"] == "mpq" else "sequential statistics")
+    first = table.iloc[0]
+    return ["", "## Re-measured beside the baselines", "", _markdown(table[["method", amount, "perplexity"]]), "",
+            _verdict(table), "",
+            f"Protocol: {first.nsamples}×{first.seqlen} calibration tokens of {first.calib_data}, {how}, "
+            f"{first.eval_tokens} held-out tokens of {first.eval_data}."]
+
+
+def _rank_correlation(evals: pd.DataFrame, best) -> list[str]:
+    """mpq: how the best proxy ranked layers against their measured sensitivity, at search time."""
+    if best is None or "spearman" not in evals or evals.spearman.dropna().empty:
+        return []
+    row = evals[evals.candidate_id == int(best.candidate_id)].iloc[0]
+    ok = evals[evals.status == "ok"].dropna(subset=["spearman"])
+    return ["", f"Rank correlation of the best proxy with the measured per-layer sensitivity (NLL increase "
+                f"with one layer quantized, a fixed sample of layers): Spearman {row.spearman:.3f}, Kendall "
+                f"{row.kendall:.3f}. Across the {len(ok)} proxies measured: Spearman median "
+                f"{ok.spearman.median():.3f}, max {ok.spearman.max():.3f}; its correlation with held-out "
+                f"perplexity: {ok.spearman.corr(ok.perplexity, method='spearman'):.3f}."]
 
 
 def policy_section(store: RunStore, cands: pd.DataFrame) -> list[str]:

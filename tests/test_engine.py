@@ -233,3 +233,38 @@ def test_status_report_and_prune_with_the_best_program(ray_session, tmp_path, ti
     assert (run_dir / "adapters" / "offline-1" / "metrics.json").exists()
     logged = pd.read_parquet(run_dir / "tables" / "preferences")   # the run's own log, read with pandas
     assert (logged.kind == "validity").any() and f"{len(logged)} pairs" in trained.output
+
+
+MPQ_COMPLETIONS = [
+    "```python\ndef sensitivity(E, A):\n    return (E.abs() * A).sum()\n```",
+    "```python\ndef sensitivity(E, H):\n    return E ** 2 * H\n```",                      # rejected: not reduced
+    "```python\ndef sensitivity(E, b):\n    return (E ** 2).mean() * b\n```",
+    "```python\ndef sensitivity(E, H, d):\n    return (E ** 2 * H).sum() * (1 + d)\n```",
+]
+
+
+def test_mpq_search_records_bits_rank_correlation_and_reports(ray_session, tmp_path, tiny_model_dir, corpus_file):
+    """Task mpq through the same engine: seeds, LLM and symbolic proxies; every evaluation records
+    the allocation's average bits (within the budget) and its rank correlation; the report puts the
+    best proxy beside uniform, HAWQ and APTQ-style allocation at the same budget."""
+    from autoprune_ray.compress.protocol import Protocol
+    from autoprune_ray.engine.config import QuantSettings
+    from autoprune_ray.engine.report import write_report
+
+    cfg = make_config(tmp_path, tiny_model_dir, corpus_file, name="q", max_evaluations=7)
+    cfg.task = "mpq"
+    cfg.quant = QuantSettings(avg_bits=4.5, group_size=16, measure_layers=4, measure_tokens=128)
+    cfg.policy.scripted = MPQ_COMPLETIONS
+    summary = run_search(cfg.validate(), progress=False)
+    cands, evals = tables(cfg)
+    assert_one_outcome_each(cands, evals, summary)
+    assert set(cands[cands.operator == "seed"].code.str.slice(0, 15)) == {"def sensitivity"}
+    assert cands[cands.status == "rejected"].reason.str.contains("one number per layer").any()
+    ok = evals[evals.status == "ok"]
+    assert len(ok) >= 4 and (ok.avg_bits <= 4.5).all() and (ok.avg_bits > 4.0).all()
+    assert ok.spearman.between(-1, 1).all() and ok.kendall.between(-1, 1).all()
+    proto = Protocol(calib_data=str(corpus_file), nsamples=4, seqlen=32, eval_tokens=128)
+    text = write_report(cfg.resolved_run_dir, proto).read_text()
+    for label in ("| best program |", "| uniform |", "| hawq |", "| aptq |"):
+        assert label in text
+    assert "Rank correlation of the best proxy" in text and "avg_bits" in text
