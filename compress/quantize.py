@@ -5,7 +5,8 @@ average-bits budget, then per-layer fake quantization (RTN or GPTQ), in place.
     result.avg_bits, result.bits            # achieved average (counting group scales), per layer
 
 The budget counts each group's fp16 scale and zero (compress.bits): at group size 128, uniform
-3-bit weights cost 3.25 bits. Methods: uniform, hawq (gram | hutchinson), aptq, program (a TAP
+3-bit weights cost 3.25 bits (more where 128 does not divide a width); `as_uniform=3` sets the
+budget to exactly what uniform 3-bit costs the model. Methods: uniform, hawq (gram | hutchinson), aptq, program (a TAP
 proxy in the candidate language). See compress.sensitivity for what each one measures.
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ QUANTIZERS = ("rtn", "gptq")
 class QuantConfig:
     method: str = "hawq"
     avg_bits: float = 3.25                  # average bits per weight, group scale and zero included
+    as_uniform: int | None = None           # instead: the budget is what uniform b-bit costs this model
     group_size: int = 128
     choices: tuple[int, ...] = (2, 3, 4, 8)
     allocator: str = "ilp"                  # ilp (exact, scipy milp) or greedy
@@ -58,9 +60,19 @@ class QuantConfig:
             check_bits(b)
         if list(self.choices) != sorted(set(self.choices)):
             raise ValueError(f"bit choices must be increasing and distinct, got {list(self.choices)}")
+        if self.as_uniform is not None and self.as_uniform not in self.choices:
+            raise ValueError(f"as_uniform {self.as_uniform} is not one of the bit choices {list(self.choices)}")
         if (self.method == "program") != (self.program is not None):
             raise ValueError("method 'program' and a sensitivity program go together")
         return self
+
+    def budget(self, sizes: list[bitalloc.LayerSize]) -> float:
+        """Average bits allowed. A width the group size does not divide costs more scales (SmolLM2's
+        576 = 4.5 groups of 128), so uniform 4-bit there is 4.27 bits, not 4.25: `as_uniform`
+        compares mixed allocations with uniform ones at exactly the same size."""
+        if self.as_uniform is None:
+            return self.avg_bits
+        return bitalloc.average_bits(sizes, [self.as_uniform] * len(sizes), self.group_size)
 
     @property
     def label(self) -> str:
@@ -82,10 +94,11 @@ class QuantResult:
     sensitivity: np.ndarray | None = None
     seconds: float = 0.0
     histogram: dict[int, int] = field(default_factory=dict)
+    budget: float | None = None
 
     def to_dict(self) -> dict:
         cfg = asdict(self.config) | {"program": None}
-        return {"config": cfg, "label": self.config.label, "avg_bits": self.avg_bits,
+        return {"config": cfg, "label": self.config.label, "budget": self.budget, "avg_bits": self.avg_bits,
                 "bits": dict(zip(self.layers, self.bits)), "histogram": self.histogram, "seconds": self.seconds}
 
 
@@ -113,9 +126,10 @@ def sensitivity_table(lm: LoadedModel, data: TokenData, cfg: QuantConfig, layers
 
 
 def allocate_bits(table: np.ndarray | None, cfg: QuantConfig, sizes: list[bitalloc.LayerSize]) -> list[int]:
+    budget = cfg.budget(sizes)
     if table is None:
-        return [bitalloc.uniform_bits(list(cfg.choices), sizes, cfg.avg_bits, cfg.group_size)] * len(sizes)
-    return bitalloc.allocate(cfg.allocator, table, list(cfg.choices), sizes, cfg.avg_bits, cfg.group_size)
+        return [bitalloc.uniform_bits(list(cfg.choices), sizes, budget, cfg.group_size)] * len(sizes)
+    return bitalloc.allocate(cfg.allocator, table, list(cfg.choices), sizes, budget, cfg.group_size)
 
 
 def apply_bits(layers: list[QuantLayer], bits: list[int], cfg: QuantConfig, stats: CalibrationStats | None = None,
@@ -146,4 +160,4 @@ def quantize_model(lm: LoadedModel, data: TokenData | None, cfg: QuantConfig) ->
     histogram = {b: chosen.count(b) for b in cfg.choices}
     return QuantResult(cfg, [layer.key for layer in layers], chosen,
                        bitalloc.average_bits(sizes, chosen, cfg.group_size), table,
-                       time.perf_counter() - start, histogram)
+                       time.perf_counter() - start, histogram, cfg.budget(sizes))

@@ -9,7 +9,8 @@ quantize. A bit allocator (compress.bits) turns the table into a mixed-precision
              Rademacher probes and Hessian-vector products.
 * aptq       attention-aware (APTQ-style): the layer is quantized alone and the change is measured
              on its sub-block's output (the attention block for q/k/v/o, through the softmax; the MLP
-             for gate/up/down), relative to the residual stream entering the block. APTQ derives a
+             for gate/up/down), relative to the residual stream entering the block, token by token
+             (mean of ||Δo_t||² / ||h_t||²). APTQ derives a
              Hessian trace of the attention output; measuring the output change directly is the
              approximation we make (it is exact for the quantized weights, not a second-order model).
 * measured   the ground truth a proxy is ranked against: the held-out NLL increase when that one
@@ -142,20 +143,23 @@ class _Calls:
         self.calls.append((args, kwargs, out[0] if isinstance(out, tuple) else out))
 
 
-def _output_change(module: nn.Module, calls: list) -> float:
-    total = 0.0
+def _output_change(module: nn.Module, calls: list, token_norms: list[torch.Tensor]) -> float:
+    """Mean over tokens of ||Δ output_t||² / ||h_t||², h_t the residual stream entering the block."""
+    total, count = 0.0, 0
     with torch.no_grad():
-        for args, kwargs, dense_out in calls:
+        for (args, kwargs, dense_out), norms in zip(calls, token_norms):
             out = module(*args, **kwargs)
             out = out[0] if isinstance(out, tuple) else out
-            total += float((out.float() - dense_out.float()).pow(2).sum())
-    return total
+            total += float(((out.float() - dense_out.float()).pow(2).sum(-1) / norms).sum())
+            count += norms.numel()
+    return total / count
 
 
 def aptq_sensitivity(lm: LoadedModel, windows: torch.Tensor, choices: list[int], group_size: int,
                      batch_size: int = 8) -> np.ndarray:
-    """[L, B]: Σ||Δ sub-block output||² / Σ||block input||², one layer quantized at a time, on the
-    dense model's block inputs (one pass)."""
+    """[L, B]: the sub-block output change relative to the residual stream, per token, one layer
+    quantized at a time, on the dense model's block inputs (one pass). Per token, because a few
+    attention-sink tokens carry most of the residual stream's energy in later blocks."""
     walker = BlockWalker(lm, windows, batch_size)
     inputs, rows = walker.inputs, []
     for block in tqdm(walker.layers, desc="aptq", leave=False):
@@ -166,14 +170,14 @@ def aptq_sensitivity(lm: LoadedModel, windows: torch.Tensor, choices: list[int],
         finally:
             for r in recorders.values():
                 r.handle.remove()
-        scale = float(inputs.float().pow(2).sum())
+        norms = [b.float().pow(2).sum(-1).clamp_min(1e-30) for b in walker.block_batches(inputs)]
         for name, lin in linears.items():
             dense = lin.weight.data.clone()
             row = []
             for bits in choices:
                 lin.weight.data.copy_(fake_quantize(dense, bits, group_size)[0])
                 sub = _sub_block_name(name)
-                row.append(_output_change(block.get_submodule(sub), recorders[sub].calls) / scale)
+                row.append(_output_change(block.get_submodule(sub), recorders[sub].calls, norms))
             lin.weight.data.copy_(dense)
             rows.append(row)
         inputs = outputs

@@ -214,6 +214,8 @@ def parse_bits(text: str) -> tuple[int, ...]:
 @click.option("--avg-bits", type=float, default=3.25, show_default=True,
               help="Budget: average bits per weight, each group's fp16 scale and zero included "
                    "(uniform 3-bit at group 128 costs 3.25).")
+@click.option("--as-uniform", type=int, default=None,
+              help="Instead of --avg-bits: the budget is what uniform B-bit quantization costs this model.")
 @click.option("--group-size", type=int, default=128, show_default=True)
 @click.option("--bits", "choices", default="2,3,4,8", show_default=True, help="Bit widths a layer may get.")
 @click.option("--allocator", type=click.Choice(["ilp", "greedy"]), default="ilp", show_default=True)
@@ -225,7 +227,7 @@ def parse_bits(text: str) -> tuple[int, ...]:
               help="Write the (fake-)quantized model (HF format) here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a table.")
 @clear_errors
-def quantize(method, program_file, avg_bits, group_size, choices, allocator, quantizer, hessian, model, calib_data,
+def quantize(method, program_file, avg_bits, as_uniform, group_size, choices, allocator, quantizer, hessian, model, calib_data,
              eval_data, protocol_name, nsamples, seqlen, seed, eval_tokens, device, dtype, save, as_json):
     """Mixed-precision weight-only quantization under an average-bits budget; prints perplexity, the
     achieved average bits and the per-layer bits.
@@ -233,7 +235,7 @@ def quantize(method, program_file, avg_bits, group_size, choices, allocator, qua
     \b
     Examples:
       autoprune-ray quantize --method hawq --avg-bits 3.25
-      autoprune-ray quantize --method aptq --avg-bits 4.25 --quantizer gptq --save q4/
+      autoprune-ray quantize --method aptq --as-uniform 4 --quantizer gptq --save q4/
       autoprune-ray quantize --program runs/mpq:best --avg-bits 3.25
     """
     from autoprune_ray.compress.data import load_token_data
@@ -243,7 +245,8 @@ def quantize(method, program_file, avg_bits, group_size, choices, allocator, qua
     from autoprune_ray.compress.quantize import QuantConfig, quantize_model
 
     program = load_program(program_file, task="mpq") if program_file else None
-    cfg = QuantConfig(method="program" if program else method, avg_bits=avg_bits, group_size=group_size,
+    cfg = QuantConfig(method="program" if program else method, avg_bits=avg_bits, as_uniform=as_uniform,
+                      group_size=group_size,
                       choices=parse_bits(choices), allocator=allocator, quantizer=quantizer, hessian=hessian,
                       program=program.tree if program else None).validate()
     proto = resolve_protocol(protocol_name, calib_data=calib_data, eval_data=eval_data, nsamples=nsamples,
@@ -259,7 +262,7 @@ def quantize(method, program_file, avg_bits, group_size, choices, allocator, qua
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    _print_table([{"method": cfg.label, "budget": f"{cfg.avg_bits:g}", "achieved": f"{result.avg_bits:.4f}",
+    _print_table([{"method": cfg.label, "budget": f"{result.budget:.4f}", "achieved": f"{result.avg_bits:.4f}",
                    "bits": " ".join(f"{b}:{n}" for b, n in result.histogram.items()),
                    "perplexity": f"{ppl:.3f}", "seconds": f"{result.seconds:.1f}"}], title=lm.name)
     _print_table(_bits_by_block(result.layers, result.bits), title="bits per layer")

@@ -33,6 +33,7 @@ class TargetConfig:
 class QuantSettings:
     """Task mpq: the budget, and how a candidate's bit allocation is built and measured."""
     avg_bits: float = 3.25            # average bits per weight, each group's fp16 scale and zero included
+    as_uniform: int | None = None     # instead: the budget is what uniform b-bit costs the model
     group_size: int = 128
     bits: list[int] = field(default_factory=lambda: [2, 3, 4, 8])
     allocator: str = "ilp"            # ilp (exact) or greedy
@@ -43,7 +44,8 @@ class QuantSettings:
 
     def quant_config(self, **extra):
         from autoprune_ray.compress.quantize import QuantConfig
-        return QuantConfig(avg_bits=self.avg_bits, group_size=self.group_size, choices=tuple(self.bits),
+        return QuantConfig(avg_bits=self.avg_bits, as_uniform=self.as_uniform, group_size=self.group_size,
+                           choices=tuple(self.bits),
                            allocator=self.allocator, quantizer=self.quantizer, **extra)
 
     def measure_config(self):

@@ -76,7 +76,8 @@ def test_program_sensitivity_equals_a_hand_computation(tiny):
 
 def test_aptq_sensitivity_of_down_proj_is_its_error_on_the_mlp_output(tiny):
     """Independent check: quantizing down_proj alone changes the MLP output by act @ Eᵀ, where act is
-    down_proj's input; the APTQ-style table divides its energy by the block input's."""
+    down_proj's input; the APTQ-style table averages its energy over tokens, each relative to the
+    block input's."""
     lm, data = tiny
     windows = data.calibration
     layers = quant_layers(lm.model)
@@ -98,7 +99,8 @@ def test_aptq_sensitivity_of_down_proj_is_its_error_on_the_mlp_output(tiny):
     k = [i for i, layer in enumerate(layers) if layer.key == "0.mlp.down_proj"][0]
     for j, b in enumerate([2, 3]):
         err = fake_quant_reference(down.weight.data, b, GROUP)[0].float() - down.weight.data.float()
-        expected = float((caught["act"].float() @ err.T).pow(2).sum() / caught["h"].float().pow(2).sum())
+        per_token = (caught["act"].float() @ err.T).pow(2).sum(-1) / caught["h"].float().pow(2).sum(-1)
+        expected = float(per_token.mean())
         assert table[k, j] == pytest.approx(expected, rel=1e-3)
     assert np.isfinite(table).all() and (table >= 0).all()
 
@@ -164,3 +166,21 @@ def test_sensitivity_evaluator_scores_a_program_and_restores_the_model(tiny):
     assert fit.avg_bits <= 4.5 and math.isfinite(fit.perplexity) and 0 < fit.proxy < 1
     assert -1 <= fit.spearman <= 1 and -1 <= fit.kendall <= 1
     assert all(torch.equal(a, layer.linear.weight.data) for a, layer in zip(before, quant_layers(lm.model)))
+
+
+def test_as_uniform_budget_is_exactly_what_uniform_costs(tiny_model_dir, corpus_file):
+    """Group 24 does not divide the widths 32 and 64, so uniform 3-bit costs more than 3 + 32/24 bits;
+    `as_uniform` makes the budget that exact size, which uniform fills and a mixed allocation respects."""
+    lm = load_model(str(tiny_model_dir), device="cpu")
+    data = load_token_data(lm.tokenizer, str(corpus_file), None, 4, 32, 0, 256)
+    sizes = [bitalloc.LayerSize(layer.key, *layer.linear.weight.shape) for layer in quant_layers(lm.model)]
+    # 32 wide: 2 groups per row (24 + 8); 64 wide: 3 (24 + 24 + 16)
+    expected = sum(s.numel * 3 + s.rows * math.ceil(s.cols / 24) * 32 for s in sizes) / sum(s.numel for s in sizes)
+    assert expected > 3 + 32 / 24
+    mixed = quantize_model(lm, data, QuantConfig(method="hawq", as_uniform=3, group_size=24))
+    assert mixed.budget == pytest.approx(expected) and mixed.avg_bits <= mixed.budget
+    lm = load_model(str(tiny_model_dir), device="cpu")
+    uniform = quantize_model(lm, None, QuantConfig(method="uniform", as_uniform=3, group_size=24))
+    assert set(uniform.bits) == {3} and uniform.avg_bits == pytest.approx(expected)
+    with pytest.raises(ValueError, match="not one of the bit choices"):
+        QuantConfig(as_uniform=5).validate()
