@@ -121,6 +121,7 @@ class Search:
         cid = self._new_candidate(code=cand.code, source=source, status=status, operator=operator, island=island,
                                   parents=parents, hash_=cand.hash, prompt_id=prompt_id, adapter=adapter,
                                   duplicate_of=earlier, granularity=cand.granularity, strategy=strategy)
+        log.debug("%s: %s by %s", self.tag({"island": island, "candidate_id": cid}), status, operator)
         self.lineage[cid] = {"code": cand.code, "fitness": None, "parents": parents, "operator": operator}
         self.since_accepted = 0 if status == "accepted" else self.since_accepted + 1
         if status == "accepted":
@@ -128,6 +129,10 @@ class Search:
                                "granularity": cand.granularity, "operator": operator, "parents": parents,
                                "attempts": 0})
         return cid, status, earlier
+
+    def tag(self, job: dict) -> str:
+        """What every per-candidate log record starts with: grep a run's logs by any of the three."""
+        return f"run={self.cfg.name} island={job['island']} candidate={job['candidate_id']}"
 
     def _unavailable_inputs(self, cand: Candidate) -> set[str]:
         """Inputs the program reads that the evaluators do not collect (G without gradients)."""
@@ -145,6 +150,7 @@ class Search:
                "finished": time.time() - self.t0, "node": result.get("node"),
                **{k: result.get(k) for k in ("avg_bits", "spearman", "kendall")}}
         self.store.append("evaluations", row)
+        self._log_outcome(job, row)
         self.evaluated += 1
         self.metrics.inc("evaluated")
         if status in ("failed", "timeout"):
@@ -154,6 +160,15 @@ class Search:
             self.metrics.observe_latency(result["seconds"])
         self._admit(job, row)
         self._log_pairs(self.prefs.measured(job["candidate_id"], status, row["fitness"], row["finished"]))
+
+    def _log_outcome(self, job: dict, row: dict) -> None:
+        if row["status"] in ("failed", "timeout"):
+            log.warning("%s: %s after %.1f s: %s", self.tag(job), row["status"], row["seconds"] or 0.0, row["reason"])
+        else:
+            log.info("%s: %s, proxy %.4g, perplexity %s (%s, %.1f s)", self.tag(job), row["status"],
+                     row["proxy"] if row["proxy"] is not None else math.nan,
+                     "-" if row["perplexity"] is None else f"{row['perplexity']:.3f}", job.get("operator", ""),
+                     row["seconds"] or 0.0)
 
     def _admit(self, job: dict, row: dict) -> None:
         """Replayable: the population is a function of the evaluation rows, in order."""

@@ -68,7 +68,19 @@ class SyncActor:
         return lambda *args, **kwargs: ray.get(method.remote(*args, **kwargs))
 
 
+def configure_logging() -> None:
+    """INFO records of the engine to stderr (the job logs, on a cluster), unless the embedding
+    program has configured logging itself."""
+    engine = logging.getLogger("autoprune_ray")
+    if not engine.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        engine.addHandler(handler)
+        engine.setLevel(logging.INFO)
+
+
 def run_search(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict:
+    configure_logging()
     ensure_ray(cfg)
     pool = ActorPool(cfg)
     try:
@@ -192,6 +204,8 @@ def _actor_died(search: Search, pool: ActorPool, call: Inflight, exc) -> int:
             search.dispatched += 1
             search.record_evaluation(job, {"status": "failed", "reason": f"evaluator died {MAX_ATTEMPTS} times"})
         else:
+            log.warning("%s: evaluator-%d died mid-evaluation; re-queued (attempt %d)", search.tag(job),
+                        call.worker, job["attempts"])
             search.queue.appendleft({k: v for k, v in job.items() if k != "proxy_cutoff"})
     pool.restarts += 1
     _ping_later(pool, call.worker)

@@ -148,9 +148,10 @@ def test_dpo_rounds_train_and_serve_adapters_while_searching_and_resume(ray_sess
     assert set(cands[cands.prompt_id.notna()].strategy) == set(prompts.strategy)
 
 
-def test_failures_become_records(ray_session, tmp_path, tiny_model_dir, corpus_file):
+def test_failures_become_records(ray_session, tmp_path, tiny_model_dir, corpus_file, caplog):
     """A hung evaluation is killed at its limit, a crashed evaluator's job is re-queued once,
-    a NaN score is a recorded failure, and the run finishes."""
+    a NaN score is a recorded failure, and the run finishes; the logs name run, island and candidate."""
+    caplog.set_level("INFO", logger="autoprune_ray")
     marker = tmp_path / "crashed-once"
     cfg = make_config(tmp_path, tiny_model_dir, corpus_file, name="f", max_evaluations=7, eval_time_limit=15,
                       operators={"llm_mutate": 1.0})
@@ -178,6 +179,14 @@ def test_failures_become_records(ray_session, tmp_path, tiny_model_dir, corpus_f
     reads_g = cands[cands.source.str.contains("W, G")]
     assert len(reads_g) and (reads_g.status == "rejected").all()
     assert reads_g.reason.str.contains("target.gradients").all()
+    messages, islands = [r.getMessage() for r in caplog.records], cands.set_index("candidate_id").island
+
+    def logged(cid, text):
+        return any(m.startswith(f"run=f island={islands[cid]} candidate={cid}:") and text in m for m in messages)
+
+    assert logged(hung.candidate_id.iloc[0], "timeout after")
+    assert logged(crashed.candidate_id.iloc[0], "died mid-evaluation; re-queued")
+    assert logged(crashed.candidate_id.iloc[0], ": ok, proxy")
 
 
 @pytest.mark.slow
