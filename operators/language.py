@@ -120,7 +120,11 @@ class Candidate:
 _FENCE = re.compile(r"```[a-zA-Z0-9_+-]*\n(.*?)```", re.S)
 
 
-def extract_function(text: str) -> str:
+_EXAMPLES = {"prune": "def score(W, A): return ...", "allocate": "def allocate(outlier): return ...",
+             "mpq": "def sensitivity(E, H): return ..."}
+
+
+def extract_function(text: str, task: str = "prune") -> str:
     """The first function definition in a chatty completion (inside a code fence or not)."""
     if not isinstance(text, str):
         raise CandidateError("the program must be text")
@@ -136,7 +140,7 @@ def extract_function(text: str) -> str:
                         break
                     body.append(nxt[indent:] if len(nxt) >= indent else nxt)
                 return "\n".join(body).rstrip() + "\n"
-    raise CandidateError("no function definition found: write `def score(W, A): return ...`")
+    raise CandidateError(f"no function definition found: write `{_EXAMPLES.get(task, _EXAMPLES['prune'])}`")
 
 
 # ---------------------------------------------------------------- parsing
@@ -440,7 +444,7 @@ def parse(text: str, task: str = "prune", granularity: str = "row") -> Candidate
     CandidateError with the reason."""
     if task not in TASKS:
         raise CandidateError(f"unknown task {task!r}")
-    source = extract_function(text)
+    source = extract_function(text, task)
     if len(source) > MAX_SOURCE_CHARS:
         raise CandidateError(f"program too long: {len(source)} characters, at most {MAX_SOURCE_CHARS}")
     try:
