@@ -64,12 +64,13 @@ def distinct_programs(count: int, seed: int = 0) -> list[str]:
     return out
 
 
-def scaling_run(model_dir: str, run_root: Path, evaluators: int, cost: float, evaluations: int) -> dict:
+def scaling_config(model_dir: str, run_root: Path, evaluators: int, cost: float, evaluations: int,
+                   name: str | None = None):
+    """The scaling run: every evaluation costs `cost` seconds more than the tiny model needs."""
     from autoprune_ray.engine.config import EvaluatorConfig, PolicyConfig, RunConfig, SearchConfig, TargetConfig
-    from autoprune_ray.engine.runner import run_search
 
-    cfg = RunConfig(
-        name=f"scale-{evaluators}", run_dir=str(run_root / "{name}"),
+    return RunConfig(
+        name=name or f"scale-{evaluators}", run_dir=str(run_root / "{name}"),
         target=TargetConfig(model=model_dir, calib_data="austen", nsamples=2, seqlen=32, eval_tokens=64,
                             device="cpu"),
         policy=PolicyConfig(backend="scripted", scripted=distinct_programs(evaluations * 2), prompts_per_batch=4,
@@ -78,12 +79,10 @@ def scaling_run(model_dir: str, run_root: Path, evaluators: int, cost: float, ev
                             queue_size=2 * evaluators, operators={"llm_init": 1.0}, eval_time_limit=120),
         evaluators=EvaluatorConfig(num=evaluators, num_cpus=0.25, fault_injection={"sleep_seconds": str(cost)}),
     ).validate()
-    from autoprune_ray.engine.storage import RunStore
 
-    start = time.perf_counter()
-    summary = run_search(cfg, progress=False)
-    wall = time.perf_counter() - start
-    evals = RunStore(cfg.resolved_run_dir).read("evaluations")
+
+def throughput(evaluators: int, summary: dict, evals, wall: float) -> dict:
+    """Evaluations per second over the steady span, from the run's own evaluation records."""
     # steady state: from the first evaluation's start to the last one's end (actor start-up excluded)
     span = evals.finished.max() - (evals.finished - evals.seconds).min()
     return {"evaluators": evaluators, "evaluated": summary["evaluated"], "wall_seconds": wall,
@@ -92,6 +91,17 @@ def scaling_run(model_dir: str, run_root: Path, evaluators: int, cost: float, ev
             "ideal_evaluations_per_second": evaluators / float(evals.seconds.mean()),
             "evaluator_utilization": summary["evaluator_utilization"],
             "overhead_per_candidate_seconds": summary["overhead_per_candidate"]}
+
+
+def scaling_run(model_dir: str, run_root: Path, evaluators: int, cost: float, evaluations: int) -> dict:
+    from autoprune_ray.engine.runner import run_search
+    from autoprune_ray.engine.storage import RunStore
+
+    cfg = scaling_config(model_dir, run_root, evaluators, cost, evaluations)
+    start = time.perf_counter()
+    summary = run_search(cfg, progress=False)
+    wall = time.perf_counter() - start
+    return throughput(evaluators, summary, RunStore(cfg.resolved_run_dir).read("evaluations"), wall)
 
 
 @click.group()

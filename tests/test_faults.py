@@ -15,7 +15,8 @@ pytest.importorskip("ray")
 
 from autoprune_ray.engine.storage import RunStore  # noqa: E402
 
-from test_engine import COMPLETIONS, assert_one_outcome_each  # noqa: E402
+from test_engine import COMPLETIONS  # noqa: E402
+from tests_support import assert_resumed_cleanly  # noqa: E402
 
 
 def run_cli(config, *extra) -> subprocess.Popen:
@@ -52,14 +53,4 @@ def test_killed_driver_resumes_without_losing_or_repeating(tmp_path, tiny_model_
     resumed = run_cli(config, "--resume")
     _, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err[-2000:]
-    store = RunStore(store_dir)
-    cands, evals = store.read("candidates"), store.read("evaluations")
-    assert len(evals) == 10
-    assert_one_outcome_each(cands, evals)
-    # every evaluation recorded before the kill is still there, unchanged, and none was repeated
-    assert list(evals.candidate_id.iloc[:len(before)]) == list(before.candidate_id)
-    assert set(evals.candidate_id.iloc[len(before):]).isdisjoint(before.candidate_id)
-    # the final population is what the records imply: its best is the best measured evaluation
-    summary = store.load_checkpoint()["summary"]
-    ok = evals[evals.status == "ok"]
-    assert summary["best_perplexity"] == pytest.approx(ok.perplexity.min())
+    assert_resumed_cleanly(RunStore(store_dir), before, total=10)

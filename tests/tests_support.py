@@ -1,7 +1,38 @@
-"""Helpers shared by several test files."""
+"""Helpers shared by several test files (and benchmarks/cluster.py, which starts the same cluster)."""
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
 import torch
+import yaml
 
 from autoprune_ray.compress.models import block_linears, decoder_layers
+
+
+def assert_resumed_cleanly(store, before, total: int) -> None:
+    """A run stopped with `before` evaluations recorded and then resumed: every proposed candidate
+    has exactly one outcome, the earlier records are kept as they were and none is repeated, and
+    the final population is what the records imply (its best is the best measured evaluation)."""
+    import pandas as pd
+    from test_engine import assert_one_outcome_each   # imported here: it needs Ray and pytest
+
+    cands, evals = store.read("candidates"), store.read("evaluations")
+    summary = store.load_checkpoint()["summary"]
+    assert len(evals) == total
+    assert_one_outcome_each(cands, evals, summary)
+    pd.testing.assert_frame_equal(evals.iloc[:len(before)].reset_index(drop=True), before.reset_index(drop=True))
+    assert set(evals.candidate_id.iloc[len(before):]).isdisjoint(before.candidate_id)
+    ok = evals[evals.status == "ok"]
+    assert summary["best_perplexity"] == pytest.approx(ok.perplexity.min())
 
 
 def explicit_linear_inputs(lm, windows):
@@ -19,3 +50,141 @@ def explicit_linear_inputs(lm, windows):
     for h in handles:
         h.remove()
     return {k: torch.cat(v) for k, v in captured.items()}
+
+
+# -- a real local Ray cluster: a `ray start --head` process and a worker node process ----------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_cli() -> str:
+    return os.path.join(os.path.dirname(sys.executable), "ray")
+
+
+def client_env() -> dict:
+    """A client process sends the cluster's token only when asked to (Ray's documented switch)."""
+    return os.environ | {"RAY_AUTH_MODE": "token"}
+
+
+@contextlib.contextmanager
+def local_ray_cluster(head_cpus: int, worker_cpus: int, worker_resources: dict | None = None):
+    """Head + one worker node, each a `ray start --block` process group with its own CPUs, torn
+    down at the end even on failure. Yields the Jobs, GCS and metrics addresses.
+
+    Never `ray stop`: it stops every Ray on this machine, other people's included. Every port a
+    second Ray here could already hold is chosen free: the dashboard agent's HTTP port defaults to
+    52365, and when another Ray (e.g. an in-process `ray.init` of an earlier test) has it, the
+    head's agent runs without HTTP and the Jobs API answers "No available agent" until `submit`
+    gives up."""
+    port, dashboard, metrics = free_port(), free_port(), free_port()
+    # its own temp dir: the address file a plain ray.init() would join is left alone
+    temp_dir = f"/tmp/rt{port}"
+    common = ["--block", "--disable-usage-stats", f"--temp-dir={temp_dir}", "--num-gpus=0"]
+    # The head keeps Ray's default (token auth on, token written to ~/.ray/auth_token); a joining
+    # node and every client send that token with RAY_AUTH_MODE=token. An in-process ray.init()
+    # exports RAY_AUTH_MODE=token, so it is dropped here, not inherited.
+    head_env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    procs = [_node(["--head", f"--port={port}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
+                    "--include-dashboard=true", f"--num-cpus={head_cpus}", f"--metrics-export-port={metrics}",
+                    f"--ray-client-server-port={free_port()}", *common], head_env)]
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        _wait_for_dashboard(address, procs[0])
+        procs.append(_node([f"--address=127.0.0.1:{port}", f"--num-cpus={worker_cpus}",
+                            f"--resources={json.dumps(worker_resources or {})}", *common], client_env()))
+        _wait_for_nodes(port, 2)
+        yield {"jobs": address, "gcs": f"127.0.0.1:{port}", "metrics": f"http://127.0.0.1:{metrics}/metrics",
+               "temp_dir": temp_dir}
+    finally:
+        _stop(procs, temp_dir)
+
+
+def _node(args: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen([ray_cli(), "start", f"--dashboard-agent-listen-port={free_port()}", *args],
+                            start_new_session=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _stop(procs: list[subprocess.Popen], temp_dir: str) -> None:
+    for proc in procs[::-1]:
+        os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs[::-1]:
+        try:
+            proc.wait(timeout=45)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    # anything of this cluster that left the process groups (it names the cluster's temp dir)
+    for pid in _pids_naming(temp_dir + "/"):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _pids_naming(text: str) -> list[int]:
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if text.encode() in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+    return [p for p in pids if p != os.getpid()]
+
+
+def _wait_for_dashboard(address: str, proc, timeout: float = 120) -> None:
+    """Until the Jobs API answers an authenticated request (the token `ray start` wrote)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("ray start --head exited")
+        try:
+            token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+            request = urllib.request.Request(f"{address}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
+            with urllib.request.urlopen(request, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (OSError, urllib.error.URLError):
+            pass
+        time.sleep(2)
+    raise TimeoutError("the Ray head's Jobs API did not come up")
+
+
+def _wait_for_nodes(port: int, count: int, timeout: float = 120) -> None:
+    """Until `ray status` lists `count` active nodes."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = subprocess.run([ray_cli(), "status", f"--address=127.0.0.1:{port}"], env=client_env(),
+                             capture_output=True, text=True, timeout=60).stdout
+        active = out.split("Active:")[-1].split("Pending:")[0] if "Active:" in out else ""
+        if active.count("node_") >= count:
+            return
+        time.sleep(2)
+    raise TimeoutError(f"the cluster did not reach {count} nodes")
+
+
+def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`autoprune-ray ARGS` as its own process, as a user runs it: the client sends the token."""
+    return subprocess.run([sys.executable, "-m", "autoprune_ray.engine.cli", *args], env=client_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def ray_state(kind: str, gcs: str) -> list[dict]:
+    """Ray's state API through its own CLI (`ray list actors|nodes`)."""
+    out = subprocess.run([ray_cli(), "list", kind, f"--address={gcs}", "--limit=1000", "--format=json"],
+                         env=client_env(), capture_output=True, text=True, timeout=120, check=True).stdout
+    return json.loads(out)
+
+
+def write_cluster_file(path: Path, jobs: str, search: dict, evaluators: int, cpus_per_evaluator: float = 1,
+                       overrides: dict | None = None) -> Path:
+    """A cluster file for `autoprune-ray launch` whose job finds this checkout (PYTHONPATH)."""
+    env = {"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}} if os.environ.get("PYTHONPATH") else {}
+    path.write_text(yaml.safe_dump({
+        "address": jobs, "python": sys.executable, "runtime_env": env, "search": search,
+        "resources": {"evaluators": evaluators, "cpus_per_evaluator": cpus_per_evaluator},
+        "overrides": overrides or {}}))
+    return path
+
+
+def job_id(launch_output: str) -> str:
+    """From `job ID: run ...`, the first line `launch` prints."""
+    return launch_output.split()[1].rstrip(":")
