@@ -105,6 +105,41 @@ def test_resume_continues_without_repeating(ray_session, tmp_path, tiny_model_di
     assert_one_outcome_each(cands, evals, second)
 
 
+def test_a_killed_policy_actor_restarts_and_the_run_goes_on(ray_session, tmp_path, tiny_model_dir, corpus_file,
+                                                            caplog):
+    """The policy's process is killed (as an OOM kill would) once evaluations are flowing: Ray
+    restarts the actor, the lost batch is asked again, and the LLM keeps proposing."""
+    import threading
+    import time
+
+    caplog.set_level("INFO", logger="autoprune_ray")
+    cfg = make_config(tmp_path, tiny_model_dir, corpus_file, name="p", max_evaluations=8,
+                      operators={"llm_mutate": 0.7, "llm_init": 0.3})
+    cfg.evaluators.fault_injection = {"sleep_seconds": "1"}   # keeps the run going while the policy is killed
+    killed = {}
+
+    def kill_policy_when_evaluating():
+        store = RunStore(cfg.resolved_run_dir)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if (cfg.resolved_run_dir / "tables" / "evaluations").exists() and len(store.read("evaluations")):
+                ray.kill(ray.get_actor(f"{cfg.name}:policy"), no_restart=False)
+                killed["after"] = len(store.read("candidates"))
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=kill_policy_when_evaluating, daemon=True)
+    thread.start()
+    summary = run_search(cfg, progress=False)
+    thread.join(timeout=5)
+    cands, evals = tables(cfg)
+    assert "after" in killed and summary["evaluated"] == 8
+    assert_one_outcome_each(cands, evals, summary)
+    assert any("policy actor died" in r.getMessage() for r in caplog.records)
+    later = cands.iloc[killed["after"]:]
+    assert later.operator.str.startswith("llm").any(), "the restarted policy wrote more candidates"
+
+
 def test_dpo_rounds_train_and_serve_adapters_while_searching_and_resume(ray_session, tmp_path, tiny_model_dir,
                                                                           corpus_file):
     from autoprune_ray.llm.preferences import PreferenceLog, replay
