@@ -59,6 +59,13 @@ def methods(program: str | None, seeds: bool) -> list[tuple[str, dict]]:
     return rows
 
 
+def merged_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """The earlier rows with those re-measured now replaced in place (same method and budget)."""
+    fresh = {(r["method"], r["as_uniform"]): r for r in new}
+    kept = [fresh.pop((r["method"], r["as_uniform"]), r) for r in old]
+    return kept + list(fresh.values())
+
+
 @click.command()
 @click.option("--protocol", "protocol_name", default="cpu", show_default=True)
 @click.option("--budgets", default="3,4", show_default=True,
@@ -69,7 +76,10 @@ def methods(program: str | None, seeds: bool) -> list[tuple[str, dict]]:
 @click.option("--measure-layers", default=32, show_default=True)
 @click.option("--measure-bits", default=2, show_default=True)
 @click.option("--measure-tokens", default=4096, show_default=True)
-def main(protocol_name, budgets, program, seeds, quantizer, measure_layers, measure_bits, measure_tokens):
+@click.option("--only", default=None, help="Comma-separated method labels to measure (e.g. uniform).")
+@click.option("--update", is_flag=True, help="Replace those rows in the existing results file; keep the rest.")
+def main(protocol_name, budgets, program, seeds, quantizer, measure_layers, measure_bits, measure_tokens, only,
+         update):
     proto = preset(protocol_name)
     budgets = [int(b) for b in budgets.split(",")]
     start = time.time()
@@ -84,7 +94,9 @@ def main(protocol_name, budgets, program, seeds, quantizer, measure_layers, meas
     sample = sample_layers(len(layers), measure_layers)
     measured = measured_sensitivity(lm, data.evaluation[:, :measure_tokens], data.seqlen, sample, measure_bits, 128)
     rows = []
-    for label, spec in methods(program, seeds):
+    chosen_methods = [(label, spec) for label, spec in methods(program, seeds)
+                      if not only or label in only.split(",")]
+    for label, spec in chosen_methods:
         code = spec.pop("code", None)
         cfg = QuantConfig(group_size=128, quantizer=quantizer, **spec).validate()
         t0 = time.time()
@@ -99,7 +111,7 @@ def main(protocol_name, budgets, program, seeds, quantizer, measure_layers, meas
             ppl = perplexity(lm, data.evaluation, data.seqlen)
             for layer, w in zip(layers, dense):
                 layer.linear.weight.data.copy_(w)
-            rows.append({"method": label, "as_uniform": budget, "budget": cfg.budget(sizes),
+            rows.append({"method": label, "as_uniform": budget, "budget": float(cfg.budget(sizes)),
                          "avg_bits": bitalloc.average_bits(sizes, chosen, 128),
                          "bits": {b: chosen.count(b) for b in cfg.choices}, "perplexity": ppl,
                          "spearman": rho, "kendall": tau, "sensitivity_seconds": seconds, "code": code})
@@ -107,6 +119,8 @@ def main(protocol_name, budgets, program, seeds, quantizer, measure_layers, meas
                        f"rho {rho:.3f}  {rows[-1]['bits']}")
     out = RESULTS / f"mpq-{protocol_name}{'-gptq' if quantizer == 'gptq' else ''}.json"
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if update and out.exists():
+        rows = merged_rows(json.loads(out.read_text())["rows"], rows)
     out.write_text(json.dumps({
         "model": lm.name, "protocol": data.describe(), "group_size": 128, "quantizer": quantizer,
         "dense_perplexity": dense_ppl, "measured": {"layers": [layers[i].key for i in sample], "bits": measure_bits,

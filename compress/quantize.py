@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -66,13 +67,15 @@ class QuantConfig:
             raise ValueError("method 'program' and a sensitivity program go together")
         return self
 
-    def budget(self, sizes: list[bitalloc.LayerSize]) -> float:
+    def budget(self, sizes: list[bitalloc.LayerSize]) -> float | Fraction:
         """Average bits allowed. A width the group size does not divide costs more scales (SmolLM2's
         576 = 4.5 groups of 128), so uniform 4-bit there is 4.27 bits, not 4.25: `as_uniform`
-        compares mixed allocations with uniform ones at exactly the same size."""
+        compares mixed allocations with uniform ones at exactly the same size (an exact fraction:
+        the float just below it would not fit uniform itself)."""
         if self.as_uniform is None:
             return self.avg_bits
-        return bitalloc.average_bits(sizes, [self.as_uniform] * len(sizes), self.group_size)
+        cost = bitalloc.total_cost(sizes, [self.as_uniform] * len(sizes), self.group_size)
+        return Fraction(cost, bitalloc.total_numel(sizes))
 
     @property
     def label(self) -> str:
@@ -160,4 +163,4 @@ def quantize_model(lm: LoadedModel, data: TokenData | None, cfg: QuantConfig) ->
     histogram = {b: chosen.count(b) for b in cfg.choices}
     return QuantResult(cfg, [layer.key for layer in layers], chosen,
                        bitalloc.average_bits(sizes, chosen, cfg.group_size), table,
-                       time.perf_counter() - start, histogram, cfg.budget(sizes))
+                       time.perf_counter() - start, histogram, float(cfg.budget(sizes)))

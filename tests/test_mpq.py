@@ -179,8 +179,22 @@ def test_as_uniform_budget_is_exactly_what_uniform_costs(tiny_model_dir, corpus_
     assert expected > 3 + 32 / 24
     mixed = quantize_model(lm, data, QuantConfig(method="hawq", as_uniform=3, group_size=24))
     assert mixed.budget == pytest.approx(expected) and mixed.avg_bits <= mixed.budget
-    lm = load_model(str(tiny_model_dir), device="cpu")
-    uniform = quantize_model(lm, None, QuantConfig(method="uniform", as_uniform=3, group_size=24))
-    assert set(uniform.bits) == {3} and uniform.avg_bits == pytest.approx(expected)
+    for width in (3, 4):   # uniform fills its own budget exactly (a float budget fell just short of 4)
+        lm = load_model(str(tiny_model_dir), device="cpu")
+        uniform = quantize_model(lm, None, QuantConfig(method="uniform", as_uniform=width, group_size=24))
+        assert set(uniform.bits) == {width} and uniform.avg_bits == uniform.budget
+    assert uniform.avg_bits == pytest.approx(expected + 1)
     with pytest.raises(ValueError, match="not one of the bit choices"):
         QuantConfig(as_uniform=5).validate()
+
+
+def test_uniform_fills_its_own_budget_at_smollm2_shapes():
+    """SmolLM2-135M's 210 linears: the budget of uniform 4-bit as a float (4.2708…) lies just below
+    the exact cost, which once gave uniform 3-bit; the budget is now an exact fraction."""
+    from autoprune_ray.compress.quantize import allocate_bits
+    shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)] * 30
+    sizes = [bitalloc.LayerSize(f"{i}", rows, cols) for i, (rows, cols) in enumerate(shapes)]
+    for width in (2, 3, 4, 8):
+        cfg = QuantConfig(method="uniform", as_uniform=width).validate()
+        assert allocate_bits(None, cfg, sizes) == [width] * len(sizes)
+        assert bitalloc.average_bits(sizes, [width] * len(sizes), 128) == pytest.approx(float(cfg.budget(sizes)))
