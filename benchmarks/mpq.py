@@ -90,9 +90,17 @@ def main(protocol_name, budgets, program, seeds, quantizer, measure_layers, meas
     dense = [layer.linear.weight.data.clone() for layer in layers]
     sizes = layer_sizes(layers)
     stats = calibration_stats(lm, data, "one-pass", with_gram=True)
-    dense_ppl = perplexity(lm, data.evaluation, data.seqlen)
+    out = RESULTS / f"mpq-{protocol_name}{'-gptq' if quantizer == 'gptq' else ''}.json"
+    previous = json.loads(out.read_text()) if update and out.exists() else None
+    if previous and previous["protocol"] != json.loads(json.dumps(data.describe())):
+        raise click.ClickException(f"{out} was measured under another protocol; drop --update")
     sample = sample_layers(len(layers), measure_layers)
-    measured = measured_sensitivity(lm, data.evaluation[:, :measure_tokens], data.seqlen, sample, measure_bits, 128)
+    if previous:   # the same model, data and sample: dense and measured values are deterministic
+        dense_ppl, measured = previous["dense_perplexity"], previous["measured"]["nll_increase"]
+    else:
+        dense_ppl = perplexity(lm, data.evaluation, data.seqlen)
+        measured = measured_sensitivity(lm, data.evaluation[:, :measure_tokens], data.seqlen, sample,
+                                        measure_bits, 128)
     rows = []
     chosen_methods = [(label, spec) for label, spec in methods(program, seeds)
                       if not only or label in only.split(",")]
@@ -117,10 +125,9 @@ def main(protocol_name, budgets, program, seeds, quantizer, measure_layers, meas
                          "spearman": rho, "kendall": tau, "sensitivity_seconds": seconds, "code": code})
             click.echo(f"{label:40s} budget {rows[-1]['budget']:.4f}  avg {rows[-1]['avg_bits']:.4f}  ppl {ppl:10.3f}  "
                        f"rho {rho:.3f}  {rows[-1]['bits']}")
-    out = RESULTS / f"mpq-{protocol_name}{'-gptq' if quantizer == 'gptq' else ''}.json"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    if update and out.exists():
-        rows = merged_rows(json.loads(out.read_text())["rows"], rows)
+    if previous:
+        rows = merged_rows(previous["rows"], rows)
     out.write_text(json.dumps({
         "model": lm.name, "protocol": data.describe(), "group_size": 128, "quantizer": quantizer,
         "dense_perplexity": dense_ppl, "measured": {"layers": [layers[i].key for i in sample], "bits": measure_bits,
