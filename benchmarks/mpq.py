@@ -76,7 +76,8 @@ def merged_rows(old: list[dict], new: list[dict]) -> list[dict]:
 @click.option("--measure-layers", default=32, show_default=True)
 @click.option("--measure-bits", default=2, show_default=True)
 @click.option("--measure-tokens", default=4096, show_default=True)
-@click.option("--only", default=None, help="Comma-separated method labels to measure (e.g. uniform).")
+@click.option("--only", default=None,
+              help="Comma-separated label prefixes of the methods to measure (e.g. 'uniform,best').")
 @click.option("--update", is_flag=True, help="Replace those rows in the existing results file; keep the rest.")
 def main(protocol_name, budgets, program, seeds, quantizer, measure_layers, measure_bits, measure_tokens, only,
          update):
@@ -102,8 +103,9 @@ def main(protocol_name, budgets, program, seeds, quantizer, measure_layers, meas
         measured = measured_sensitivity(lm, data.evaluation[:, :measure_tokens], data.seqlen, sample,
                                         measure_bits, 128)
     rows = []
+    wanted = [w.strip() for w in only.split(",")] if only else []
     chosen_methods = [(label, spec) for label, spec in methods(program, seeds)
-                      if not only or label in only.split(",")]
+                      if not wanted or any(label.startswith(w) for w in wanted)]
     for label, spec in chosen_methods:
         code = spec.pop("code", None)
         cfg = QuantConfig(group_size=128, quantizer=quantizer, **spec).validate()
