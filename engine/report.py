@@ -205,13 +205,19 @@ def _comparison(config: dict, programs, protocol, baselines: list[str], out: Pat
     table = compare_with_baselines(config, programs, protocol, baselines)
     table.to_parquet(out / "comparison.parquet")
     amount = "avg_bits" if config["task"] == "mpq" else "sparsity"
-    how = (f"one-pass statistics, budget {config['quant']['avg_bits']} bits per weight with group scales, "
-           f"{config['quant']['quantizer']} rounding" if config["task"] == "mpq" else "sequential statistics")
+    how = _quant_protocol(config["quant"]) if config["task"] == "mpq" else "sequential statistics"
     first = table.iloc[0]
     return ["", "## Re-measured beside the baselines", "", _markdown(table[["method", amount, "perplexity"]]), "",
             _verdict(table), "",
             f"Protocol: {first.nsamples}×{first.seqlen} calibration tokens of {first.calib_data}, {how}, "
             f"{first.eval_tokens} held-out tokens of {first.eval_data}."]
+
+
+def _quant_protocol(quant: dict) -> str:
+    budget = (f"the size of uniform {quant['as_uniform']}-bit" if quant.get("as_uniform") is not None
+              else f"{quant['avg_bits']} bits per weight")
+    return (f"one-pass statistics, budget {budget} (group {quant['group_size']}, fp16 scale and zero counted), "
+            f"{quant['allocator']} allocation, {quant['quantizer']} rounding")
 
 
 def _rank_correlation(evals: pd.DataFrame, best) -> list[str]:
@@ -223,8 +229,9 @@ def _rank_correlation(evals: pd.DataFrame, best) -> list[str]:
     return ["", f"Rank correlation of the best proxy with the measured per-layer sensitivity (NLL increase "
                 f"with one layer quantized, a fixed sample of layers): Spearman {row.spearman:.3f}, Kendall "
                 f"{row.kendall:.3f}. Across the {len(ok)} proxies measured: Spearman median "
-                f"{ok.spearman.median():.3f}, max {ok.spearman.max():.3f}; its correlation with held-out "
-                f"perplexity: {ok.spearman.corr(ok.perplexity, method='spearman'):.3f}."]
+                f"{ok.spearman.median():.3f}, max {ok.spearman.max():.3f}; the rank correlation between a "
+                f"proxy's Spearman and its perplexity is {ok.spearman.corr(ok.perplexity, method='spearman'):.3f} "
+                f"(negative: proxies that rank layers better build better models)."]
 
 
 def policy_section(store: RunStore, cands: pd.DataFrame) -> list[str]:
@@ -254,9 +261,14 @@ def policy_section(store: RunStore, cands: pd.DataFrame) -> list[str]:
 
 def _markdown(df: pd.DataFrame) -> str:
     head = "| " + " | ".join(df.columns) + " |"
-    rows = ["| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r) + " |"
-            for r in df.itertuples(index=False)]
+    rows = ["| " + " | ".join(_cell(v) for v in r) + " |" for r in df.itertuples(index=False)]
     return "\n".join([head, "|---" * len(df.columns) + "|", *rows])
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return "–" if math.isnan(v) else f"{v:.4g}"
+    return str(v)
 
 
 def _verdict(table: pd.DataFrame) -> str:
