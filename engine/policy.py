@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from autoprune_ray.engine.config import PolicyConfig
 
@@ -38,4 +39,4 @@ class PolicyWorker:
 
     def ping(self) -> dict:
         return {"backend": self.cfg.backend, "adapter": self.backend.adapter_version,
-                "tokens": self.backend.tokens_generated}
+                "tokens": self.backend.tokens_generated, "pid": os.getpid()}

@@ -114,17 +114,25 @@ def test_a_killed_policy_actor_restarts_and_the_run_goes_on(ray_session, tmp_pat
 
     caplog.set_level("INFO", logger="autoprune_ray")
     cfg = make_config(tmp_path, tiny_model_dir, corpus_file, name="p", max_evaluations=8,
-                      operators={"llm_mutate": 0.7, "llm_init": 0.3})
+                      operators={"llm_mutate": 0.5, "llm_init": 0.2, "symbolic_mutate": 0.3})
     cfg.evaluators.fault_injection = {"sleep_seconds": "1"}   # keeps the run going while the policy is killed
     killed = {}
 
     def kill_policy_when_evaluating():
         store = RunStore(cfg.resolved_run_dir)
-        deadline = time.time() + 120
+        deadline = time.time() + 300
         while time.time() < deadline:
             if (cfg.resolved_run_dir / "tables" / "evaluations").exists() and len(store.read("evaluations")):
-                ray.kill(ray.get_actor(f"{cfg.name}:policy"), no_restart=False)
+                policy = ray.get_actor(f"{cfg.name}:policy")
+                killed["pid"] = ray.get(policy.ping.remote())["pid"]
+                ray.kill(policy, no_restart=False)
                 killed["after"] = len(store.read("candidates"))
+                while time.time() < deadline:   # calls fail while the actor restarts
+                    try:
+                        killed["new_pid"] = ray.get(policy.ping.remote(), timeout=30)["pid"]
+                        return
+                    except ray.exceptions.RayError:
+                        time.sleep(0.5)
                 return
             time.sleep(0.2)
 
@@ -133,9 +141,10 @@ def test_a_killed_policy_actor_restarts_and_the_run_goes_on(ray_session, tmp_pat
     summary = run_search(cfg, progress=False)
     thread.join(timeout=5)
     cands, evals = tables(cfg)
-    assert "after" in killed and summary["evaluated"] == 8
+    assert "new_pid" in killed and killed["new_pid"] != killed["pid"], "Ray restarted the policy in a new process"
+    assert summary["evaluated"] == 8
     assert_one_outcome_each(cands, evals, summary)
-    assert any("policy actor died" in r.getMessage() for r in caplog.records)
+    # a batch in flight at the kill is asked again (logged); one between batches just waits
     later = cands.iloc[killed["after"]:]
     assert later.operator.str.startswith("llm").any(), "the restarted policy wrote more candidates"
 
