@@ -18,7 +18,7 @@ from fractions import Fraction
 import numpy as np
 import torch
 
-from autoprune_ray.kernels.expr import Node
+from autoprune_ray.kernels.expr import Node, call, inp
 from autoprune_ray.kernels.quant import check_bits, check_group_size, fake_quantize
 
 from . import bits as bitalloc
@@ -30,6 +30,9 @@ from .sensitivity import (QuantLayer, aptq_sensitivity, hawq_sensitivity, hutchi
 from .stats import CalibrationStats, calibration_stats
 
 METHODS = ("uniform", "hawq", "aptq", "program")
+# HAWQ with X Xᵀ for the Hessian, Tr(H)/n · ||Q(W) − W||², as an expression tree: the canonical form
+# of operators.seeds' "hawq" seed (a test holds them equal; compress does not import operators).
+HAWQ_GRAM = call("mul", call("mean_row", inp("H")), call("sum_row", call("sum_col", call("square", inp("E")))))
 HESSIANS = ("gram", "hutchinson")
 QUANTIZERS = ("rtn", "gptq")
 
@@ -121,9 +124,7 @@ def sensitivity_table(lm: LoadedModel, data: TokenData, cfg: QuantConfig, layers
     if cfg.method == "hawq" and cfg.hessian == "hutchinson":
         traces = hutchinson_traces(lm, data.calibration[:cfg.hutchinson_windows], cfg.hutchinson_probes, data.seed)
         return hawq_sensitivity(traces, dense, choices, cfg.group_size)
-    from autoprune_ray.operators.seeds import SENSITIVITY_SEEDS
-    from autoprune_ray.operators.language import parse
-    tree = cfg.program if cfg.method == "program" else parse(SENSITIVITY_SEEDS["hawq"], "mpq").tree
+    tree = cfg.program if cfg.method == "program" else HAWQ_GRAM
     stats = stats or calibration_stats(lm, data, "one-pass", with_gram=False)
     return program_sensitivity(tree, layers, dense, stats, choices, cfg.group_size)
 

@@ -43,6 +43,11 @@ def test_sensitivity_programs_reduce_to_one_number_and_read_the_error():
     assert parse("def s(E, b):\n    return E.abs().mean() * b\n", "mpq").inputs == ["E", "b"]
 
 
+def test_compress_hawq_tree_is_the_hawq_seed():
+    from autoprune_ray.compress.quantize import HAWQ_GRAM
+    assert HAWQ_GRAM == sensitivity_seeds()["hawq"].tree
+
+
 def test_symbolic_operators_give_valid_sensitivity_programs():
     import random
     rng, seeds = random.Random(0), list(sensitivity_seeds().values())
