@@ -127,12 +127,15 @@ def test_a_killed_policy_actor_restarts_and_the_run_goes_on(ray_session, tmp_pat
                 killed["pid"] = ray.get(policy.ping.remote())["pid"]
                 ray.kill(policy, no_restart=False)
                 killed["after"] = len(store.read("candidates"))
-                while time.time() < deadline:   # calls fail while the actor restarts
+                while time.time() < deadline:   # the kill is asynchronous; calls fail while the actor restarts
                     try:
-                        killed["new_pid"] = ray.get(policy.ping.remote(), timeout=30)["pid"]
-                        return
+                        pid = ray.get(policy.ping.remote(), timeout=30)["pid"]
+                        if pid != killed["pid"]:
+                            killed["new_pid"] = pid
+                            return
                     except ray.exceptions.RayError:
-                        time.sleep(0.5)
+                        pass
+                    time.sleep(0.5)
                 return
             time.sleep(0.2)
 
@@ -141,7 +144,7 @@ def test_a_killed_policy_actor_restarts_and_the_run_goes_on(ray_session, tmp_pat
     summary = run_search(cfg, progress=False)
     thread.join(timeout=5)
     cands, evals = tables(cfg)
-    assert "new_pid" in killed and killed["new_pid"] != killed["pid"], "Ray restarted the policy in a new process"
+    assert "new_pid" in killed, "Ray restarted the policy in a new process"
     assert summary["evaluated"] == 8
     assert_one_outcome_each(cands, evals, summary)
     # a batch in flight at the kill is asked again (logged); one between batches just waits
