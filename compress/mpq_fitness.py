@@ -19,13 +19,13 @@ import numpy as np
 import torch
 
 from autoprune_ray.kernels.expr import Node
+from autoprune_ray.kernels.quant import fake_quantize
 
 from .data import TokenData
 from .eval import perplexity, reconstruction_error
 from .models import LoadedModel, cache_root
 from .quantize import QuantConfig, allocate_bits, apply_bits, layer_sizes
-from .sensitivity import measured_sensitivity, program_sensitivity, quant_error, quant_layers, rank_correlation, \
-    sample_layers
+from .sensitivity import measured_sensitivity, program_sensitivity, quant_layers, rank_correlation, sample_layers
 from . import bits as bitalloc
 from .stats import CalibrationStats, calibration_stats
 
@@ -70,8 +70,8 @@ class SensitivityEvaluator:
             gram = self.stats.blocks[layer.block][layer.name].gram
             base = reconstruction_error(w, torch.zeros_like(w), gram)
             for j, b in enumerate(self.quant.choices):
-                table[i, j] = reconstruction_error(quant_error(w, b, self.quant.group_size), torch.zeros_like(w),
-                                                   gram) / max(base, 1e-30)
+                quantized = fake_quantize(w, b, self.quant.group_size)[0]
+                table[i, j] = reconstruction_error(w, quantized, gram) / max(base, 1e-30)
         return table
 
     def _measured(self) -> tuple[list[int], list[float]]:

@@ -70,6 +70,13 @@ class QuantConfig:
             raise ValueError("method 'program' and a sensitivity program go together")
         return self
 
+    @property
+    def needs_statistics(self) -> bool:
+        """Gram matrices feed GPTQ and the program/Gram-HAWQ tables; APTQ-style and Hutchinson
+        measure on the model itself, and uniform RTN needs nothing."""
+        return self.quantizer == "gptq" or self.method == "program" or (self.method == "hawq" and
+                                                                        self.hessian == "gram")
+
     def budget(self, sizes: list[bitalloc.LayerSize]) -> float | Fraction:
         """Average bits allowed. A width the group size does not divide costs more scales (SmolLM2's
         576 = 4.5 groups of 128), so uniform 4-bit there is 4.27 bits, not 4.25: `as_uniform`
@@ -125,7 +132,7 @@ def sensitivity_table(lm: LoadedModel, data: TokenData, cfg: QuantConfig, layers
         traces = hutchinson_traces(lm, data.calibration[:cfg.hutchinson_windows], cfg.hutchinson_probes, data.seed)
         return hawq_sensitivity(traces, dense, choices, cfg.group_size)
     tree = cfg.program if cfg.method == "program" else HAWQ_GRAM
-    stats = stats or calibration_stats(lm, data, "one-pass", with_gram=False)
+    stats = stats or calibration_stats(lm, data, "one-pass", with_gram=True)   # one cache entry with quantize_model
     return program_sensitivity(tree, layers, dense, stats, choices, cfg.group_size)
 
 
@@ -157,7 +164,7 @@ def quantize_model(lm: LoadedModel, data: TokenData | None, cfg: QuantConfig) ->
     start = time.perf_counter()
     layers = quant_layers(lm.model)
     sizes = layer_sizes(layers)
-    stats = calibration_stats(lm, data, "one-pass", with_gram=True) if data is not None else None
+    stats = calibration_stats(lm, data, "one-pass", with_gram=True) if cfg.needs_statistics else None
     table = sensitivity_table(lm, data, cfg, layers, stats)
     chosen = allocate_bits(table, cfg, sizes)
     apply_bits(layers, chosen, cfg, stats)

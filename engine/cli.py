@@ -58,6 +58,26 @@ def torch_dtype(name):
     return getattr(torch, DTYPES[name]) if name else None
 
 
+def compress_and_measure(compress, save, report_name: str, *, model, device, dtype, protocol_name, **sizes):
+    """Load the model and the protocol's data, compress in place with `compress(lm, data)`, measure
+    held-out perplexity and, with `save`, export the model and its report (prune and quantize)."""
+    from autoprune_ray.compress.data import load_token_data
+    from autoprune_ray.compress.eval import perplexity
+    from autoprune_ray.compress.export import save_pruned
+    from autoprune_ray.compress.models import load_model
+
+    proto = resolve_protocol(protocol_name, **sizes)
+    lm = load_model(model, device=device, dtype=torch_dtype(dtype))
+    data = load_token_data(lm.tokenizer, proto.calib_data, proto.eval_data, proto.nsamples, proto.seqlen,
+                           proto.seed, proto.eval_tokens)
+    result = compress(lm, data)
+    ppl = perplexity(lm, data.evaluation, data.seqlen)
+    report = {**result.to_dict(), "perplexity": ppl, "model": lm.name, "protocol": data.describe()}
+    if save:
+        save_pruned(lm, save, report, report_name)
+    return lm, data, result, ppl, report
+
+
 def parse_sparsities(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
@@ -110,10 +130,6 @@ def prune(method, program_file, granularity, sparsity, pattern, allocation, owl_
       autoprune-ray prune --method wanda --allocation owl --sparsity 0.7
       autoprune-ray prune --model meta-llama/Llama-2-7b-hf --data c4 --eval-data wikitext2 --protocol paper
     """
-    from autoprune_ray.compress.data import load_token_data
-    from autoprune_ray.compress.eval import perplexity
-    from autoprune_ray.compress.export import save_pruned
-    from autoprune_ray.compress.models import load_model
     from autoprune_ray.compress.prune import PruneConfig, prune_model
 
     program = load_program(program_file, granularity) if program_file else None
@@ -121,16 +137,10 @@ def prune(method, program_file, granularity, sparsity, pattern, allocation, owl_
                       allocation=allocation, mode=mode, owl_lambda=owl_lambda, owl_m=owl_m,
                       program=program.tree if program else None,
                       granularity=program.granularity if program else "row").validate()
-    proto = resolve_protocol(protocol_name, calib_data=calib_data, eval_data=eval_data, nsamples=nsamples,
-                             seqlen=seqlen, seed=seed, eval_tokens=eval_tokens)
-    lm = load_model(model, device=device, dtype=torch_dtype(dtype))
-    data = load_token_data(lm.tokenizer, proto.calib_data, proto.eval_data, proto.nsamples, proto.seqlen,
-                           proto.seed, proto.eval_tokens)
-    result = prune_model(lm, data, cfg)
-    ppl = perplexity(lm, data.evaluation, data.seqlen)
-    report = {**result.to_dict(), "perplexity": ppl, "model": lm.name, "protocol": data.describe()}
-    if save:
-        save_pruned(lm, save, report)
+    lm, data, result, ppl, report = compress_and_measure(
+        lambda lm, data: prune_model(lm, data, cfg), save, "pruning.json", model=model, device=device, dtype=dtype,
+        protocol_name=protocol_name, calib_data=calib_data, eval_data=eval_data, nsamples=nsamples, seqlen=seqlen,
+        seed=seed, eval_tokens=eval_tokens)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -238,10 +248,6 @@ def quantize(method, program_file, avg_bits, as_uniform, group_size, choices, al
       autoprune-ray quantize --method aptq --as-uniform 4 --quantizer gptq --save q4/
       autoprune-ray quantize --program runs/mpq:best --avg-bits 3.25
     """
-    from autoprune_ray.compress.data import load_token_data
-    from autoprune_ray.compress.eval import perplexity
-    from autoprune_ray.compress.export import save_pruned
-    from autoprune_ray.compress.models import load_model
     from autoprune_ray.compress.quantize import QuantConfig, quantize_model
 
     program = load_program(program_file, task="mpq") if program_file else None
@@ -249,16 +255,10 @@ def quantize(method, program_file, avg_bits, as_uniform, group_size, choices, al
                       group_size=group_size,
                       choices=parse_bits(choices), allocator=allocator, quantizer=quantizer, hessian=hessian,
                       program=program.tree if program else None).validate()
-    proto = resolve_protocol(protocol_name, calib_data=calib_data, eval_data=eval_data, nsamples=nsamples,
-                             seqlen=seqlen, seed=seed, eval_tokens=eval_tokens)
-    lm = load_model(model, device=device, dtype=torch_dtype(dtype))
-    data = load_token_data(lm.tokenizer, proto.calib_data, proto.eval_data, proto.nsamples, proto.seqlen,
-                           proto.seed, proto.eval_tokens)
-    result = quantize_model(lm, data, cfg)
-    ppl = perplexity(lm, data.evaluation, data.seqlen)
-    report = {**result.to_dict(), "perplexity": ppl, "model": lm.name, "protocol": data.describe()}
-    if save:
-        save_pruned(lm, save, report, "quantization.json")
+    lm, data, result, ppl, report = compress_and_measure(
+        lambda lm, data: quantize_model(lm, data, cfg), save, "quantization.json", model=model, device=device,
+        dtype=dtype, protocol_name=protocol_name, calib_data=calib_data, eval_data=eval_data, nsamples=nsamples,
+        seqlen=seqlen, seed=seed, eval_tokens=eval_tokens)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
