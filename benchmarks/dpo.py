@@ -40,9 +40,9 @@ def split_prompts(prompts: pd.DataFrame, count: int, seed: int) -> tuple[pd.Data
 class Judge:
     """Parses completions and measures distinct valid programs once (cached by canonical hash)."""
 
-    def __init__(self, target, known_hashes: set[str]):
+    def __init__(self, cfg, known_hashes: set[str]):
         from autoprune_ray.engine.evaluator import EvaluatorWorker
-        self.worker = EvaluatorWorker(target)
+        self.worker = EvaluatorWorker(cfg)
         self.known = set(known_hashes)
         self.perplexity: dict[str, float | None] = {}
 
@@ -153,11 +153,11 @@ def main(run_dir, rounds, count, n, seeds, eval_tokens, beta, lr, epochs, max_pa
     t0 = time.perf_counter()
     store = RunStore(run_dir)
     cfg = from_dict(RunConfig, store.read_config())
-    target = dataclasses.replace(cfg.target, eval_tokens=eval_tokens)
+    cfg = dataclasses.replace(cfg, target=dataclasses.replace(cfg.target, eval_tokens=eval_tokens))
     cands, evals, prompts = store.read("candidates"), store.read("evaluations"), store.read("prompts")
     train_prompts, ab_prompts = split_prompts(prompts, count, seed=0)
     pol = cfg.policy
-    judge = Judge(target, set(cands.hash.dropna()) - {""})
+    judge = Judge(cfg, set(cands.hash.dropna()) - {""})
     # every pair of the run, however far apart its completions (the engine pairs within a window)
     log = PreferenceLog(margin=0.01, groupings=("prompt", "parents"), window=10 ** 9)
     pairs = replay(log, cands, evals, prompts)

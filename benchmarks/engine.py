@@ -50,7 +50,7 @@ def distinct_programs(count: int, seed: int = 0) -> list[str]:
 
     rng, seen, out = random.Random(seed), set(), []
     while len(out) < count:
-        cand = symbolic._finish(symbolic.random_tree(rng, "prune", depth=3), "prune", ())
+        cand = symbolic.random_candidate(rng, "prune", depth=3, tries=1)
         if cand is None:
             continue
         try:

@@ -7,6 +7,11 @@ from .scores import wanda
 from .stats import BlockStats
 
 
+def layer_depth(index: int, n_blocks: int) -> float:
+    """A block's depth fraction in [0, 1]: the `d` input of programs, the `depth` of allocations."""
+    return index / max(n_blocks - 1, 1)
+
+
 def uniform(sparsity: float, n_blocks: int) -> list[float]:
     return [float(sparsity)] * n_blocks
 
@@ -43,7 +48,7 @@ def layer_statistics(weights: list[dict[str, torch.Tensor]], stats: list[BlockSt
         rows["skew"].append(float((centred / std).pow(3).mean()))
         rows["kurt"].append(float((centred / std).pow(4).mean() - 3))
         rows["outlier"].append(float((scores > m * scores.mean()).double().mean()))
-        rows["depth"].append(index / max(n - 1, 1))
+        rows["depth"].append(layer_depth(index, n))
         rows["size"].append(sum(w.numel() for w in block.values()) / total)
     return {k: torch.tensor(v, dtype=torch.float32).unsqueeze(1) for k, v in rows.items()}
 

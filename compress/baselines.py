@@ -1,16 +1,13 @@
 """Run every baseline on one model into one table (one row per method × sparsity)."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import pandas as pd
 
-from .data import TokenData, load_token_data
-from .eval import perplexity
-from .models import load_model
+from .measure import Measured, load_and_measure
 from .protocol import Protocol
-from .prune import PruneConfig, prune_model
+from .prune import PruneConfig
 
 # label -> (method, allocation); the order is the table's.
 BASELINES = {
@@ -36,14 +33,19 @@ class BaselineRun:
     def config(self) -> PruneConfig | None:
         if self.label == "dense":
             return None
+        check_labels([self.label])
         method, alloc = BASELINES[self.label]
         return PruneConfig(method=method, allocation=alloc, sparsity=self.sparsity or 0.0, pattern=self.pattern)
 
 
-def plan(labels: list[str], sparsities: list[float], patterns: list[str]) -> list[BaselineRun]:
-    unknown = [l for l in labels if l not in BASELINES]
+def check_labels(labels: list[str]) -> None:
+    unknown = [label for label in labels if label not in BASELINES]
     if unknown:
         raise ValueError(f"unknown baseline(s) {unknown}: choose from {', '.join(BASELINES)}")
+
+
+def plan(labels: list[str], sparsities: list[float], patterns: list[str]) -> list[BaselineRun]:
+    check_labels(labels)
     runs = [BaselineRun("dense", None, None)]
     for label in labels:
         runs += [BaselineRun(label, s, None) for s in sparsities]
@@ -60,17 +62,12 @@ def plan(labels: list[str], sparsities: list[float], patterns: list[str]) -> lis
     return runs
 
 
-def run_one(model_spec: str, data: TokenData, run: BaselineRun, device=None, dtype=None) -> dict:
-    lm = load_model(model_spec, device=device, dtype=dtype)
-    cfg = run.config()
-    start = time.perf_counter()
-    result = prune_model(lm, data, cfg) if cfg else None
-    prune_seconds = time.perf_counter() - start
-    ppl = perplexity(lm, data.evaluation, data.seqlen)
+def table_row(run: BaselineRun, measured: Measured) -> dict:
+    cfg, result = run.config(), measured.result
     return {"method": run.label, "pattern": run.pattern or "unstructured",
             "target_sparsity": cfg.target_sparsity if cfg else 0.0,
-            "sparsity": result.sparsity if result else 0.0, "perplexity": ppl,
-            "prune_seconds": prune_seconds, "model": lm.name, **data.describe()}
+            "sparsity": result.sparsity if result else 0.0, "perplexity": measured.perplexity,
+            "prune_seconds": measured.seconds, "model": measured.lm.name, **measured.data.describe()}
 
 
 def run_baselines(model_spec: str, protocol: Protocol, labels: list[str], sparsities: list[float],
@@ -79,16 +76,14 @@ def run_baselines(model_spec: str, protocol: Protocol, labels: list[str], sparsi
     """`done` maps BaselineRun.key -> an already measured row (from an interrupted run); those are not redone."""
     runs = plan(labels, sparsities, patterns)
     done = done or {}
-    lm = load_model(model_spec, device=device, dtype=dtype)
-    data = load_token_data(lm.tokenizer, protocol.calib_data, protocol.eval_data, protocol.nsamples,
-                           protocol.seqlen, protocol.seed, protocol.eval_tokens)
-    del lm
-    rows = []
+    rows, data = [], None
     for run in runs:
         if run.key in done:
             rows.append(done[run.key])
             continue
-        rows.append(run_one(model_spec, data, run, device, dtype))
+        measured = load_and_measure(model_spec, protocol, run.config(), device=device, dtype=dtype, data=data)
+        data = measured.data
+        rows.append(table_row(run, measured))
         if on_row:
             on_row(run, rows[-1])
     return pd.DataFrame(rows)

@@ -1,53 +1,80 @@
-"""Fitness of a candidate program on one target model, without Ray: the cheap forward-free
-reconstruction proxy first, held-out perplexity second (the engine decides who gets the second).
+"""Fitness of a compression config on one target model, without Ray, in two stages.
 
-The evaluator keeps the dense weights and restores them after every candidate, so one loaded
-model serves any number of candidates."""
+    screened = evaluator.screen(config)        # forward-free: masks or bits, plus the first-stage proxy
+    ppl = evaluator.perplexity(screened.value) # the later stage measures that value
+
+Nothing is kept between calls: `screen` returns what the later stages need, and `applied(value)`
+is a context manager that puts it into the model and restores the dense weights on exit, so one
+loaded model serves any number of candidates.
+"""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from autoprune_ray.kernels.expr import Node
-
 from .data import TokenData
 from .eval import perplexity, reconstruction_error
-from .masks import parse_pattern
 from .models import LoadedModel, block_linears, decoder_layers
-from .program import program_mask, score_inputs, uses_input
+from .prune import PruneConfig, prune_model
 from .stats import CalibrationStats, calibration_stats
 
 
 @dataclass
-class ProgramFitness:
-    proxy: float                     # mean over linears of ||ΔW X||² / ||W X||² (lower is better)
-    sparsity: float
-    seconds: float
-    perplexity: float | None = None
+class Screened:
+    value: object                    # what later stages apply: masks {(block, name): bool} or bits [L]
+    proxy: float                     # first-stage fitness, lower is better
+    columns: dict = field(default_factory=dict)   # what the task records beside it (sparsity, avg_bits, ...)
+    seconds: float = 0.0
 
 
-class ProgramEvaluator:
+class DenseEvaluator:
+    """Holds the target model, its cached one-pass statistics and a copy of its dense weights."""
+
     def __init__(self, lm: LoadedModel, data: TokenData, stats: CalibrationStats | None = None,
                  with_grad: bool = False):
         self.lm, self.data = lm, data
         self.stats = stats or calibration_stats(lm, data, "one-pass", with_gram=True, with_grad=with_grad)
         self.layers = [block_linears(b) for b in decoder_layers(lm.model)]
         self.dense = [{n: l.weight.data.clone() for n, l in block.items()} for block in self.layers]
-        self._base: dict[tuple[int, str], float] = {}
-        self._last_masks: list = []
 
-    def _masks(self, tree: Node, sparsity: float, pattern: str | None, granularity: str):
-        nm = parse_pattern(pattern)
-        if uses_input(tree, "G") and not self.stats.blocks[0].grad_rms:
-            raise ValueError("this program reads G (gradient RMS): start the evaluator with gradients")
-        n = len(self.layers)
-        for index, block in enumerate(self.layers):
-            for name in block:
-                env = score_inputs(self.dense[index][name], self.stats.blocks[index][name],
-                                   self.stats.blocks[index].grad_rms.get(name), index / max(n - 1, 1))
-                yield index, name, program_mask(tree, env, sparsity, nm, granularity)
+    def screen(self, config) -> Screened:
+        raise NotImplementedError
+
+    def _apply(self, value) -> None:
+        raise NotImplementedError
+
+    @contextmanager
+    def applied(self, value):
+        """The model compressed by `value` inside the block, dense again after it (also on error)."""
+        try:
+            self._apply(value)
+            yield self.lm
+        finally:
+            self.restore()
+
+    def perplexity(self, value, eval_tokens: torch.Tensor | None = None) -> float:
+        with self.applied(value):
+            tokens = self.data.evaluation if eval_tokens is None else eval_tokens
+            return perplexity(self.lm, tokens, self.data.seqlen, progress=False)
+
+    def restore(self) -> None:
+        for block, dense in zip(self.layers, self.dense):
+            for name, lin in block.items():
+                lin.weight.data.copy_(dense[name])
+
+
+class PruneEvaluator(DenseEvaluator):
+    """Screens pruning configs (a program metric, a program allocation, or both) with the one
+    pruning driver on cached statistics; the proxy is the mean over linears of
+    ||ΔW X||² / ||W X||² (lower is better)."""
+
+    def __init__(self, lm: LoadedModel, data: TokenData, stats: CalibrationStats | None = None,
+                 with_grad: bool = False):
+        super().__init__(lm, data, stats, with_grad)
+        self._base: dict[tuple[int, str], float] = {}
 
     def _base_error(self, index: int, name: str) -> float:
         """||W X||², the error of pruning everything: the proxy's per-layer normaliser."""
@@ -57,45 +84,18 @@ class ProgramEvaluator:
             self._base[key] = reconstruction_error(w, torch.zeros_like(w), self.stats.blocks[index][name].gram)
         return self._base[key]
 
-    def proxy(self, tree: Node, sparsity: float, pattern: str | None = None, granularity: str = "row",
-              keep_masks: bool = False) -> ProgramFitness:
+    def screen(self, config: PruneConfig) -> Screened:
         start = time.perf_counter()
-        total_rel, count, pruned, numel, masks = 0.0, 0, 0, 0, []
-        for index, name, mask in self._masks(tree, sparsity, pattern, granularity):
+        result = prune_model(self.lm, None, replace(config, mode="one-pass"), stats=self.stats, apply=False)
+        total_rel = 0.0
+        for (index, name), mask in result.masks.items():
             w = self.dense[index][name]
-            err = reconstruction_error(w, w * ~mask, self.stats.blocks[index][name].gram)
             base = self._base_error(index, name)
+            err = reconstruction_error(w, w * ~mask, self.stats.blocks[index][name].gram)
             total_rel += err / base if base > 0 else 0.0
-            count += 1
-            pruned += int(mask.sum())
-            numel += mask.numel()
-            if keep_masks:
-                masks.append((index, name, mask))
-        result = ProgramFitness(total_rel / count, pruned / numel, time.perf_counter() - start)
-        self._last_masks = masks
-        return result
+        proxy = total_rel / max(len(result.masks), 1)
+        return Screened(result.masks, proxy, {"sparsity": result.sparsity}, time.perf_counter() - start)
 
-    def full(self, tree: Node, sparsity: float, pattern: str | None = None, granularity: str = "row",
-             eval_tokens: torch.Tensor | None = None) -> ProgramFitness:
-        """Proxy plus held-out perplexity of the model pruned by the program's masks."""
-        result = self.proxy(tree, sparsity, pattern, granularity, keep_masks=True)
-        return self.perplexity_of_last(result, eval_tokens)
-
-    def perplexity_of_last(self, result: ProgramFitness, eval_tokens: torch.Tensor | None = None) -> ProgramFitness:
-        """Held-out perplexity with the masks of the last `proxy(..., keep_masks=True)` call."""
-        start = time.perf_counter()
-        try:
-            for index, name, mask in self._last_masks:
-                self.layers[index][name].weight.data[mask] = 0
-            tokens = self.data.evaluation if eval_tokens is None else eval_tokens
-            result.perplexity = perplexity(self.lm, tokens, self.data.seqlen, progress=False)
-        finally:
-            self.restore()
-            self._last_masks = []
-        result.seconds += time.perf_counter() - start
-        return result
-
-    def restore(self) -> None:
-        for block, dense in zip(self.layers, self.dense):
-            for name, lin in block.items():
-                lin.weight.data.copy_(dense[name])
+    def _apply(self, masks: dict[tuple[int, str], torch.Tensor]) -> None:
+        for (index, name), mask in masks.items():
+            self.layers[index][name].weight.data[mask] = 0

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from autoprune_ray.kernels import expr
-from autoprune_ray.kernels.expr import Node
+from autoprune_ray.tree import expr
+from autoprune_ray.tree.expr import Node
 from autoprune_ray.kernels.fused import prune_mask, reference_score
 
 from .masks import select_mask
@@ -23,7 +23,7 @@ def score_inputs(weight: torch.Tensor, stats: InputStats, grad_rms: torch.Tensor
 
 
 def uses_input(tree: Node, name: str) -> bool:
-    return any(n.op == "input" and n.value == name for n in expr.walk(tree))
+    return name in expr.inputs_of(tree)
 
 
 def program_score(tree: Node, env: dict[str, torch.Tensor]) -> torch.Tensor:

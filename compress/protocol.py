@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, replace
 from .data import DEFAULT_CORPUS
 
 
-@dataclass(frozen=True)
+@dataclass
 class Protocol:
     calib_data: str = DEFAULT_CORPUS
     eval_data: str | None = None       # None: the held-out split of calib_data
@@ -44,4 +44,4 @@ PRESETS = {
 def preset(name: str) -> Protocol:
     if name not in PRESETS:
         raise ValueError(f"unknown protocol {name!r}: choose one of {', '.join(PRESETS)}")
-    return PRESETS[name]
+    return replace(PRESETS[name])   # a copy: callers may override its fields

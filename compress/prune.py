@@ -1,4 +1,7 @@
-"""Prune a model with one of the baselines, block by block, under the Wanda protocol."""
+"""The one pruning driver: a baseline or a candidate program, block by block.
+
+Used by the CLI, the baselines table, the report (sequential statistics, the Wanda protocol) and
+the search's evaluators (masks only, on cached one-pass statistics of the dense model)."""
 from __future__ import annotations
 
 import json
@@ -8,8 +11,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from autoprune_ray.kernels import expr
-from autoprune_ray.kernels.expr import Node
+from autoprune_ray.tree import expr
+from autoprune_ray.tree.expr import Node
 
 from . import allocation
 from .barber import reconstruction_grad_rms, swap_rebuild
@@ -19,7 +22,7 @@ from .models import LoadedModel, block_linears, decoder_layers
 from .scores import SCORES
 from .program import program_mask, score_inputs, uses_input
 from .sparsegpt import sparsegpt_prune
-from .stats import BlockContext, BlockStats, calibration_stats
+from .stats import BlockContext, BlockStats, CalibrationStats, calibration_stats
 
 METHODS = ("magnitude", "wanda", "ria", "sparsegpt", "barber", "program")
 ALLOCATIONS = ("uniform", "owl", "program")
@@ -88,6 +91,7 @@ class PruneResult:
     config: PruneConfig
     block_targets: list[float]
     per_layer: dict[str, float] = field(default_factory=dict)   # achieved sparsity per linear
+    masks: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)   # only with apply=False
     pruned: int = 0
     total: int = 0
     seconds: float = 0.0
@@ -112,12 +116,15 @@ def check_widths(model: nn.Module, nm: tuple[int, int] | None) -> None:
 
 
 class BlockPruner:
-    """Prunes one block given its statistics; a `stats.BlockHook` for the sequential walk."""
+    """Prunes one block given its statistics; a `stats.BlockHook` for the sequential walk. With
+    apply=False it only computes the masks (into result.masks) and leaves the weights alone."""
 
     def __init__(self, cfg: PruneConfig, targets: list[float], result: PruneResult,
-                 grad_rms: list[dict[str, torch.Tensor]] | None = None):
+                 grad_rms: list[dict[str, torch.Tensor]] | None = None, apply: bool = True):
+        if not apply and cfg.method in ("sparsegpt", "barber"):
+            raise ValueError(f"{cfg.method} changes the weights while it prunes: it cannot give masks alone")
         self.cfg, self.targets, self.result = cfg, targets, result
-        self.grad_rms = grad_rms
+        self.grad_rms, self.apply = grad_rms, apply
         self.signature = json.dumps(asdict(cfg), sort_keys=True, default=str) + json.dumps(targets)
 
     def __call__(self, index: int, block: nn.Module, stats: BlockStats | None,
@@ -132,14 +139,17 @@ class BlockPruner:
             if self.cfg.method == "barber":
                 masks = self._barber(block, linears, masks, ctx)
             for name, lin in linears.items():
-                lin.weight.data[masks[name]] = 0
+                if self.apply:
+                    lin.weight.data[masks[name]] = 0
+                else:
+                    self.result.masks[(index, name)] = masks[name]
         for name, mask in masks.items():
             self._record(f"{index}.{name}", mask)
 
     def _score_mask(self, index, name, weight, stats, sparsity):
         if self.cfg.method == "program":
             grad = self.grad_rms[index][name] if self.grad_rms else None
-            env = score_inputs(weight.data, stats[name], grad, index / max(len(self.targets) - 1, 1))
+            env = score_inputs(weight.data, stats[name], grad, allocation.layer_depth(index, len(self.targets)))
             return program_mask(self.cfg.program, env, sparsity, self.cfg.nm, self.cfg.granularity,
                                 self.cfg.kernel_backend)
         method = "wanda" if self.cfg.method == "barber" else self.cfg.method
@@ -171,11 +181,14 @@ class BlockPruner:
         self.result.total += mask.numel()
 
 
-def block_targets(lm: LoadedModel, data: TokenData | None, cfg: PruneConfig) -> list[float]:
+def block_targets(lm: LoadedModel, data: TokenData | None, cfg: PruneConfig,
+                  stats: CalibrationStats | None = None) -> list[float]:
+    """Each block's sparsity; a non-uniform allocation reads one-pass statistics of the dense
+    model (`stats` when the caller has them cached)."""
     n_blocks = len(decoder_layers(lm.model))
     if cfg.allocation == "uniform":
         return allocation.uniform(cfg.target_sparsity, n_blocks)
-    stats = calibration_stats(lm, data, "one-pass", with_gram=False)
+    stats = stats or calibration_stats(lm, data, "one-pass", with_gram=False)
     weights = [{n: l.weight.data for n, l in block_linears(b).items()} for b in decoder_layers(lm.model)]
     if cfg.allocation == "owl":
         ratios = [allocation.outlier_ratio(w, stats.blocks[i], cfg.owl_m) for i, w in enumerate(weights)]
@@ -185,24 +198,32 @@ def block_targets(lm: LoadedModel, data: TokenData | None, cfg: PruneConfig) -> 
     return allocation.normalize_allocation(raw.expand(n_blocks, 1), cfg.sparsity, cfg.allocation_lambda)
 
 
-def program_gradients(lm: LoadedModel, data: TokenData, cfg: PruneConfig):
-    """LM-loss gradient RMS from the dense model (cached), only for programs that read G."""
+def program_gradients(lm: LoadedModel, data: TokenData, cfg: PruneConfig,
+                      stats: CalibrationStats | None = None):
+    """LM-loss gradient RMS from the dense model, only for programs that read G."""
     if cfg.method != "program" or not uses_input(cfg.program, "G"):
         return None
-    stats = calibration_stats(lm, data, "one-pass", with_gram=False, with_grad=True)
+    if stats is None or not stats.blocks[0].grad_rms:
+        if stats is not None and data is None:
+            raise ValueError("this program reads G (gradient RMS): start the evaluator with gradients")
+        stats = calibration_stats(lm, data, "one-pass", with_gram=False, with_grad=True)
     return [block.grad_rms for block in stats.blocks]
 
 
-def prune_model(lm: LoadedModel, data: TokenData | None, cfg: PruneConfig) -> PruneResult:
-    """Prune `lm` in place. Magnitude needs no data; every other method calibrates on `data`."""
+def prune_model(lm: LoadedModel, data: TokenData | None, cfg: PruneConfig, stats: CalibrationStats | None = None,
+                apply: bool = True) -> PruneResult:
+    """Prune `lm` in place. Magnitude needs no data; every other method calibrates on `data`.
+
+    `stats`: cached one-pass statistics of the dense model, used in mode one-pass instead of a new
+    calibration pass. apply=False computes the masks into result.masks and leaves the weights dense."""
     cfg.validate()
     check_widths(lm.model, cfg.nm)
-    if cfg.method != "magnitude" and data is None:
+    if cfg.method != "magnitude" and data is None and stats is None:
         raise ValueError(f"{cfg.method} needs calibration data")
     start = time.perf_counter()
-    targets = block_targets(lm, data, cfg)
+    targets = block_targets(lm, data, cfg, stats)
     result = PruneResult(cfg, targets)
-    pruner = BlockPruner(cfg, targets, result, program_gradients(lm, data, cfg))
+    pruner = BlockPruner(cfg, targets, result, program_gradients(lm, data, cfg, stats), apply)
     if cfg.method == "magnitude":
         for index, block in enumerate(decoder_layers(lm.model)):
             pruner(index, block, None)
@@ -210,7 +231,7 @@ def prune_model(lm: LoadedModel, data: TokenData | None, cfg: PruneConfig) -> Pr
         calibration_stats(lm, data, "sequential", hook=pruner, with_gram=cfg.method == "sparsegpt",
                           use_cache=False)
     else:
-        stats = calibration_stats(lm, data, "one-pass", with_gram=cfg.method == "sparsegpt")
+        stats = stats or calibration_stats(lm, data, "one-pass", with_gram=cfg.method == "sparsegpt")
         for index, block in enumerate(decoder_layers(lm.model)):
             pruner(index, block, stats.blocks[index])
     result.seconds = time.perf_counter() - start

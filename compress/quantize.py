@@ -18,7 +18,7 @@ from fractions import Fraction
 import numpy as np
 import torch
 
-from autoprune_ray.kernels.expr import Node, call, inp
+from autoprune_ray.tree.expr import Node, call, inp
 from autoprune_ray.kernels.quant import check_bits, check_group_size, fake_quantize
 
 from . import bits as bitalloc

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from autoprune_ray.kernels import expr
-from autoprune_ray.kernels.expr import Node
+from autoprune_ray.tree import expr
+from autoprune_ray.tree.expr import Node
 from autoprune_ray.kernels.quant import fake_quantize
 
 from .eval import perplexity

@@ -9,20 +9,23 @@ from pathlib import Path
 
 import yaml
 
+from autoprune_ray.compress.protocol import Protocol
+from autoprune_ray.llm.dpo_config import DPOConfig
+
 
 class ConfigError(ValueError):
     pass
 
 
 @dataclass
-class TargetConfig:
-    """The model being compressed and how a candidate is measured on it."""
-    model: str = "smollm2"
-    calib_data: str = "austen"
+class TargetConfig(Protocol):
+    """The model being compressed and how a candidate is measured on it: a calibration and
+    evaluation protocol (its fields: calib_data, nsamples, seqlen, seed, eval_tokens), sized here
+    for search time, plus the target itself."""
     nsamples: int = 16
     seqlen: int = 256
-    seed: int = 0
-    eval_tokens: int = 4096          # held-out tokens for search-time perplexity
+    eval_tokens: int | None = 4096   # held-out tokens for search-time perplexity
+    model: str = "smollm2"
     sparsity: float = 0.5
     pattern: str | None = None
     device: str | None = None
@@ -51,6 +54,13 @@ class QuantSettings:
     def measure_config(self):
         from autoprune_ray.compress.mpq_fitness import MeasureConfig
         return MeasureConfig(self.measure_layers, self.measure_bits, self.measure_tokens)
+
+
+@dataclass
+class AllocationSettings:
+    """Task allocate: the fixed metric that picks weights inside each block, and the band S ± lam."""
+    metric: str = "wanda"
+    lam: float = 0.16
 
 
 @dataclass
@@ -100,25 +110,19 @@ class EvaluatorConfig:
 
 
 @dataclass
-class DPOSettings:
-    """DPO rounds during the search: a LoRA adapter of the policy, trained on the logged pairs."""
+class DPOSettings(DPOConfig):
+    """DPO rounds during the search: a LoRA adapter of the policy, trained on the logged pairs.
+    The training fields are llm.dpo.DPOConfig's; these add when and on which pairs a round runs."""
+    max_length: int = 384             # tokens of prompt (cut from the left) + completion
     enabled: bool = False
     every_pairs: int = 16             # a round starts when this many new pairs have been logged
     margin: float = 0.01              # least fitness gap (−log perplexity) of a fitness pair
     window: int = 16                  # pair only completions at most this many candidate ids apart
     groupings: list[str] = field(default_factory=lambda: ["prompt", "parents"])
     max_pairs: int = 64               # a round trains on the newest pairs, at most this many
-    max_length: int = 384             # tokens of prompt (cut from the left) + completion
-    beta: float = 0.1
-    lr: float = 5e-5
-    epochs: int = 1
-    batch_size: int = 4
-    lora_r: int = 8
-    reference: str = "base"           # base: the adapter disabled; previous: the previous round's adapter
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     drain_seconds: float = 600.0      # at the end of a run, how long a running round may finish
-    seed: int = 0
 
 
 @dataclass
@@ -135,7 +139,23 @@ class RayConfig:
     address: str | None = None        # None: start a local instance
     num_cpus: int | None = None
     include_dashboard: bool = False
-    dashboard_host: str = "127.0.0.1"
+    dashboard_host: str = "127.0.0.1"   # beyond loopback only with Ray's token authentication on
+
+    def dashboard_exposed(self) -> bool:
+        """The dashboard (and its Jobs API, which runs any command) listens beyond this machine."""
+        import ipaddress
+        if self.dashboard_host.strip().lower() == "localhost":
+            return False
+        try:
+            return not ipaddress.ip_address(self.dashboard_host.strip()).is_loopback
+        except ValueError:   # a host name: it may resolve to any interface
+            return True
+
+    @staticmethod
+    def token_auth_disabled() -> bool:
+        """Ray 2.60 turns token authentication on by default; RAY_AUTH_MODE=disabled turns it off."""
+        import os
+        return os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "disabled"
 
 
 @dataclass
@@ -145,6 +165,7 @@ class RunConfig:
     run_dir: str = "runs/{name}"
     target: TargetConfig = field(default_factory=TargetConfig)
     quant: QuantSettings = field(default_factory=QuantSettings)
+    allocation: AllocationSettings = field(default_factory=AllocationSettings)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     evaluators: EvaluatorConfig = field(default_factory=EvaluatorConfig)
@@ -154,11 +175,14 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         from autoprune_ray.compress.masks import check_sparsity, parse_pattern
-        from autoprune_ray.operators.language import TASKS
+        from autoprune_ray.tasks import TASKS
         _check(self.task in TASKS, "task", f"unknown task {self.task!r}: choose {', '.join(TASKS)}")
+        missing = TASKS[self.task].unimplemented()
+        _check(not missing, "task", f"task {self.task!r} cannot be searched: its plug-in lacks {', '.join(missing)}")
         try:
             check_sparsity(self.target.sparsity)
             parse_pattern(self.target.pattern)
+            self.target.validate()
         except ValueError as exc:
             raise ConfigError(f"target: {exc}") from None
         _check(self.policy.backend in ("transformers", "vllm", "openai", "scripted"), "policy.backend",
@@ -180,20 +204,12 @@ class RunConfig:
         _check(self.search.eval_time_limit > 0, "search.eval_time_limit", "must be positive")
         _check(self.evaluators.num >= 1, "evaluators.num", "must be at least 1")
         self._validate_dpo()
-        if self.task == "mpq":
-            self._validate_quant()
-        return self
-
-    def _validate_quant(self) -> None:
-        q = self.quant
+        self._validate_ray()
         try:
-            q.quant_config(method="uniform").validate()   # the program comes with each candidate
+            TASKS[self.task].validate(self)
         except ValueError as exc:
-            raise ConfigError(f"quant: {exc}") from None
-        _check(q.measure_bits in q.bits, "quant.measure_bits", f"must be one of quant.bits {q.bits}")
-        _check(q.measure_layers >= 2, "quant.measure_layers", "a rank correlation needs at least 2 layers")
-        _check(q.measure_tokens >= self.target.seqlen, "quant.measure_tokens",
-               f"at least one window of target.seqlen {self.target.seqlen}")
+            raise ConfigError(str(exc)) from None
+        return self
 
     def _validate_dpo(self) -> None:
         d, st = self.dpo, self.strategy
@@ -206,6 +222,12 @@ class RunConfig:
                "strategy.temperatures",
                "a non-empty list of temperatures >= 0")
         _check(0 <= st.exploration <= 1, "strategy.exploration", "must lie in [0, 1]")
+
+    def _validate_ray(self) -> None:
+        _check(not (self.ray.dashboard_exposed() and RayConfig.token_auth_disabled()), "ray.dashboard_host",
+               f"{self.ray.dashboard_host!r} opens the Ray dashboard and its Jobs API to the network while "
+               "RAY_AUTH_MODE=disabled turns token authentication off: unset RAY_AUTH_MODE (or set it to token) "
+               "to keep Ray's token authentication on, or use dashboard_host 127.0.0.1")
 
     @property
     def resolved_run_dir(self) -> Path:

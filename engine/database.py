@@ -9,8 +9,8 @@ import math
 import random
 from dataclasses import dataclass, field
 
-from autoprune_ray.kernels import expr
-from autoprune_ray.kernels.expr import Node
+from autoprune_ray.tree import expr
+from autoprune_ray.tree.expr import Node
 
 
 @dataclass

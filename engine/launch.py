@@ -9,11 +9,16 @@ a local run, connected to the cluster (`ray.address: auto`).
 
 Ray's token authentication stays on: the client sends the token when RAY_AUTH_MODE=token (or
 RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH) is set, as Ray documents. Secrets such as an endpoint's API
-key stay in the environment named by `policy.api_key_env`; they are never put in the job.
+key stay in the nodes' environment, under the name `policy.api_key_env` gives; they are never put
+in the job, which the dashboard shows: a cluster file whose runtime_env or search config carries
+one is refused (`refuse_secrets`).
 """
 from __future__ import annotations
 
+import collections
+import math
 import os
+import re
 import shlex
 import sys
 import time
@@ -23,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from autoprune_ray.engine.config import RunConfig, apply_overrides, from_dict, load_config, read_yaml
+from autoprune_ray.engine.config import ConfigError, RunConfig, apply_overrides, from_dict, load_config, read_yaml
 
 CONFIG_ENV = "AUTOPRUNE_RUN_CONFIG"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -49,9 +54,71 @@ class ClusterConfig:
     submission_id: str | None = None           # default: autoprune-<name>-<time>
 
 
+# -- no secret goes into a job ---------------------------------------------------------------
+# Ray shows a job's runtime_env (and so the search config, which travels in its env_vars) on the
+# dashboard and in its logs, and does not treat runtime_env as secret; Ray's documented way is to
+# keep secrets on the nodes (their environment, or a netrc file for runtime_env URLs).
+SECRET_ADVICE = ("Ray shows a job's runtime_env and config on its dashboard and in its logs: set the secret in the "
+                 "environment of `ray start` on the cluster's nodes and name the variable in the search config "
+                 "(e.g. policy.api_key_env), or, for a pip/working_dir URL, use a netrc file on the nodes")
+# A word of a variable's name that says it holds a secret (OAUTH, APIKEY, HF_TOKEN, DB_PASSWORD, ...)
+SECRET_WORD = re.compile(r"(KEYS?|TOKENS?|SECRETS?|PASSW(OR)?DS?|CREDENTIALS?|AUTH|AUTHORIZATION)$")
+# A last word that says the variable names where a secret lives or how auth works, not the secret
+HARMLESS_LAST_WORD = {"PATH", "FILE", "DIR", "MODE", "ENV"}
+KNOWN_KEY = re.compile(r"(?<![A-Za-z0-9])(sk-|hf_|gh[pousr]_|github_pat_|glpat-|xox[abprs]-|AKIA|AIza)"
+                       r"[A-Za-z0-9_\-]{16,}")
+URL_PASSWORD = re.compile(r"://[^/\s:@]+:[^/\s@]+@")       # scheme://user:password@host
+TOKEN_RUN = re.compile(r"[A-Za-z0-9+=]{24,}")
+
+
+def secret_name(name: str) -> bool:
+    words = [w for w in re.split(r"[^A-Z0-9]+", name.upper()) if w]
+    return bool(words) and words[-1] not in HARMLESS_LAST_WORD and any(SECRET_WORD.search(w) for w in words)
+
+
+def secret_value(value: str) -> bool:
+    """An API key of a known form, a password in a URL, or a long random-looking token."""
+    return bool(KNOWN_KEY.search(value) or URL_PASSWORD.search(value)) or any(map(_random, TOKEN_RUN.findall(value)))
+
+
+def _random(run: str) -> bool:
+    """Letters of both cases and digits, many distinct, mixed at random: not a CamelCase word."""
+    kinds = [c.isdigit() + 2 * c.isupper() for c in run]
+    switches = sum(a != b for a, b in zip(kinds, kinds[1:])) / (len(run) - 1)
+    counts = collections.Counter(run).values()
+    entropy = -sum(n / len(run) * math.log2(n / len(run)) for n in counts)
+    return set(kinds) == {0, 1, 2} and entropy >= 3.8 and switches >= 0.45
+
+
+def _strings(node, where: str):
+    """(path, text) of every string in a mapping/list tree."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _strings(value, f"{where}.{key}")
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            yield from _strings(value, f"{where}[{i}]")
+    elif isinstance(node, str):
+        yield where, node
+
+
+def refuse_secrets(runtime_env: dict, search: dict | None = None) -> None:
+    """ConfigError, naming the first place, when the job would carry a secret: an env_vars name that
+    says so, or a value that looks like one in runtime_env or in the search config."""
+    for name in runtime_env.get("env_vars") or {}:
+        if secret_name(str(name)):
+            raise ConfigError(f"runtime_env.env_vars.{name}: its name says it holds a secret; {SECRET_ADVICE}")
+    for where, text in [*_strings(runtime_env, "runtime_env"), *_strings(search or {}, "search")]:
+        if secret_value(text):
+            raise ConfigError(f"{where}: its value looks like a secret (an API key, a token or a password in a URL); "
+                              f"{SECRET_ADVICE}")
+
+
+# -- the cluster file and the job ----------------------------------------------------------------
 def load_cluster(path: str | Path) -> ClusterConfig:
     p = Path(path)
     cluster = from_dict(ClusterConfig, read_yaml(p, "cluster file"))
+    refuse_secrets(cluster.runtime_env)
     if isinstance(cluster.search, str) and not Path(cluster.search).is_absolute():
         cluster.search = str((p.parent / cluster.search).resolve()) if (p.parent / cluster.search).exists() \
             else cluster.search
@@ -72,7 +139,8 @@ def resolve_search(cluster: ClusterConfig) -> RunConfig:
 
 
 def job_spec(cluster: ClusterConfig, cfg: RunConfig, resume: bool = False) -> dict:
-    """Arguments of JobSubmissionClient.submit_job."""
+    """Arguments of JobSubmissionClient.submit_job; ConfigError when they would carry a secret."""
+    refuse_secrets(cluster.runtime_env, cfg.to_dict())
     env = dict(cluster.runtime_env)
     env["env_vars"] = dict(env.get("env_vars") or {}) | {CONFIG_ENV: yaml.safe_dump(cfg.to_dict(), sort_keys=False)}
     entry = [cluster.python, "-m", "autoprune_ray.engine.launch"] + (["--resume"] if resume else [])

@@ -16,10 +16,12 @@ def backend_options(cfg: PolicyConfig) -> dict:
 
 
 class PolicyWorker:
-    def __init__(self, cfg: PolicyConfig):
+    """`system_prompt`: the run's task plug-in's (what kind of program the policy writes)."""
+
+    def __init__(self, cfg: PolicyConfig, system_prompt: str | None = None):
         from autoprune_ray.llm.backends import make_backend
         self.cfg = cfg
-        self.backend = make_backend(cfg.backend, **backend_options(cfg))
+        self.backend = make_backend(cfg.backend, system_prompt=system_prompt, **backend_options(cfg))
 
     def generate(self, prompts: list[str], seed: int | None = None,
                  temperatures: list[float] | None = None) -> list[dict]:

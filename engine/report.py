@@ -7,18 +7,37 @@ from pathlib import Path
 
 import pandas as pd
 
+from autoprune_ray.engine.config import RunConfig, from_dict
 from autoprune_ray.engine.storage import RunStore
+from autoprune_ray.tasks import TaskPlugin, get_task
+
+
+def task_of(config: dict) -> TaskPlugin:
+    """The plug-in of a run's task (RunConfig's default for a config that names none)."""
+    return get_task(config.get("task", RunConfig.task))
+
+
+def open_run(run_dir: str | Path) -> tuple[dict, TaskPlugin, RunStore]:
+    """A run's config, its task's plug-in and its tables, the evaluations with the plug-in's columns."""
+    store = RunStore.open_existing(run_dir)   # NotARun without config.yaml; writes nothing
+    config = store.read_config()
+    return config, task_of(config), store
 
 
 def load_tables(run_dir: str | Path) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
-    store = RunStore(run_dir)
-    if not (Path(run_dir) / "config.yaml").exists():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
-    return store.read_config(), store.read("candidates"), store.read("evaluations")
+    config, _, store = open_run(run_dir)
+    return config, store.read("candidates"), store.read("evaluations")
 
 
 def status(run_dir: str | Path) -> dict:
-    config, cands, evals = load_tables(run_dir)
+    """The run's summary; `corrupt_parts` names table parts that could not be read (set aside)."""
+    config, _, store = open_run(run_dir)
+    out = summary(config, store.read("candidates"), store.read("evaluations"))
+    corrupt = store.corrupt_parts()
+    return out | ({"corrupt_parts": [str(p) for p in corrupt]} if corrupt else {})
+
+
+def summary(config: dict, cands: pd.DataFrame, evals: pd.DataFrame) -> dict:
     out = {"run": config["name"], "candidates": len(cands),
            "candidate_status": cands.status.value_counts().to_dict() if len(cands) else {},
            "evaluation_status": evals.status.value_counts().to_dict() if len(evals) else {},
@@ -110,67 +129,39 @@ def plots(cands: pd.DataFrame, evals: pd.DataFrame, chain: list[dict], out: Path
     return files
 
 
-DEFAULT_BASELINES = {"prune": ["wanda", "magnitude"], "mpq": ["uniform", "hawq", "aptq"]}
-
-
-def _runs(config: dict, programs: list[tuple[str, str, str]], baselines: list[str]) -> list[tuple[str, object]]:
+def _runs(plugin: TaskPlugin, cfg: RunConfig, programs: list[tuple[str, str, str]],
+          baselines: list[str]) -> list[tuple[str, object]]:
     """(label, compression config) for each program and baseline of the run's task."""
     from autoprune_ray.operators.language import parse
 
-    task = config["task"]
-    if task == "mpq":
-        from autoprune_ray.engine.config import QuantSettings, from_dict
-        quant = from_dict(QuantSettings, config.get("quant") or {}, "quant")
-        return ([(label, quant.quant_config(method="program", program=parse(code, task).tree))
-                 for label, code, _ in programs] +
-                [(name, quant.quant_config(method=name)) for name in baselines])
-    from autoprune_ray.compress.prune import PruneConfig
-    target = config["target"]
-    return ([(label, PruneConfig(method="program", program=parse(code, task, granularity).tree,
-                                 granularity=granularity, sparsity=target["sparsity"], pattern=target["pattern"]))
+    return ([(label, plugin.compression_config(parse(code, plugin.name, granularity), cfg))
              for label, code, granularity in programs] +
-            [(name, PruneConfig(method=name, sparsity=target["sparsity"], pattern=target["pattern"]))
-             for name in baselines])
+            [(name, plugin.baseline_config(name, cfg)) for name in baselines])
 
 
-def _compress(lm, data, cfg) -> dict:
-    """Apply one compression config in place; the column that says how much was compressed."""
-    from autoprune_ray.compress.prune import PruneConfig, prune_model
-    from autoprune_ray.compress.quantize import quantize_model
-
-    if cfg is None:
-        return {}
-    if isinstance(cfg, PruneConfig):
-        return {"sparsity": prune_model(lm, data, cfg).sparsity}
-    return {"avg_bits": quantize_model(lm, data, cfg).avg_bits}
-
-
-def compare_with_baselines(config: dict, programs: list[tuple[str, str, str]], protocol,
+def compare_with_baselines(cfg: RunConfig, programs: list[tuple[str, str, str]], protocol,
                            baselines: list[str]) -> pd.DataFrame:
     """Re-measure programs (label, code, granularity) and the baselines under one protocol
     (pruning: sequential statistics; quantization: one-pass statistics, the same budget)."""
-    from autoprune_ray.compress.data import load_token_data
-    from autoprune_ray.compress.eval import perplexity
-    from autoprune_ray.compress.models import load_model
+    from autoprune_ray.compress.measure import load_and_measure
 
-    target = config["target"]
-    rows = []
-    for label, cfg in [("dense", None)] + _runs(config, programs, baselines):
-        lm = load_model(target["model"], device=target.get("device"))
-        data = load_token_data(lm.tokenizer, protocol.calib_data, protocol.eval_data, protocol.nsamples,
-                               protocol.seqlen, protocol.seed, protocol.eval_tokens)
-        amount = _compress(lm, data, cfg)
-        rows.append({"method": label, **amount, "perplexity": perplexity(lm, data.evaluation, data.seqlen),
-                     **data.describe()})
+    plugin = get_task(cfg.task)
+    rows, data = [], None   # the protocol's tokens, loaded by the first row
+    for label, compression in [("dense", None)] + _runs(plugin, cfg, programs, baselines):
+        measured = load_and_measure(cfg.target.model, protocol, compression, device=cfg.target.device, data=data)
+        data = measured.data
+        amount = {plugin.amount: getattr(measured.result, plugin.amount)} if measured.result is not None else {}
+        rows.append({"method": label, **amount, "perplexity": measured.perplexity, **data.describe()})
     return pd.DataFrame(rows)
 
 
 def write_report(run_dir: str | Path, protocol=None, baselines: list[str] | None = None) -> Path:
     run_dir = Path(run_dir)
-    config, cands, evals = load_tables(run_dir)
+    config, plugin, store = open_run(run_dir)
+    cands, evals = store.read("candidates"), store.read("evaluations")
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
-    st = status(run_dir)
+    st = summary(config, cands, evals)
     best = best_row(cands, evals)
     chain = lineage_of(cands, evals, int(best.candidate_id)) if best is not None else []
     images = plots(cands, evals, chain, out)
@@ -194,30 +185,25 @@ def write_report(run_dir: str | Path, protocol=None, baselines: list[str] | None
                           f"{discovered.perplexity:.3f}):", "", "```python", discovered.code.rstrip(), "```"]
             programs.append(("best discovered", discovered.code, discovered.granularity or "row"))
         if protocol is not None:
-            lines += _comparison(config, programs, protocol, baselines or DEFAULT_BASELINES[config["task"]], out)
+            # parsed only here: a report without the comparison reads any run's config
+            lines += _comparison(from_dict(RunConfig, config), programs, protocol,
+                                 baselines or list(plugin.baselines), out)
         lines += _rank_correlation(evals, best)
-    lines += policy_section(RunStore(run_dir), cands)
+    lines += policy_section(store, cands)
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return out / "report.md"
 
 
-def _comparison(config: dict, programs, protocol, baselines: list[str], out: Path) -> list[str]:
-    table = compare_with_baselines(config, programs, protocol, baselines)
+def _comparison(cfg: RunConfig, programs, protocol, baselines: list[str], out: Path) -> list[str]:
+    table = compare_with_baselines(cfg, programs, protocol, baselines)
     table.to_parquet(out / "comparison.parquet")
-    amount = "avg_bits" if config["task"] == "mpq" else "sparsity"
-    how = _quant_protocol(config["quant"]) if config["task"] == "mpq" else "sequential statistics"
+    plugin = get_task(cfg.task)
+    how = plugin.protocol_note(cfg)
     first = table.iloc[0]
-    return ["", "## Re-measured beside the baselines", "", _markdown(table[["method", amount, "perplexity"]]), "",
-            _verdict(table), "",
+    return ["", "## Re-measured beside the baselines", "", _markdown(table[["method", plugin.amount, "perplexity"]]),
+            "", _verdict(table), "",
             f"Protocol: {first.nsamples}×{first.seqlen} calibration tokens of {first.calib_data}, {how}, "
             f"{first.eval_tokens} held-out tokens of {first.eval_data}."]
-
-
-def _quant_protocol(quant: dict) -> str:
-    budget = (f"the size of uniform {quant['as_uniform']}-bit" if quant.get("as_uniform") is not None
-              else f"{quant['avg_bits']} bits per weight")
-    return (f"one-pass statistics, budget {budget} (group {quant['group_size']}, fp16 scale and zero counted), "
-            f"{quant['allocator']} allocation, {quant['quantizer']} rounding")
 
 
 def _rank_correlation(evals: pd.DataFrame, best) -> list[str]:

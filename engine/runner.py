@@ -12,6 +12,7 @@ from autoprune_ray.engine.database import Population
 from autoprune_ray.engine.evaluator import EvaluatorWorker
 from autoprune_ray.engine.policy import PolicyWorker
 from autoprune_ray.llm.dpo import train_round
+from autoprune_ray.tasks import get_task
 
 log = logging.getLogger("autoprune_ray.engine")
 MAX_ATTEMPTS = 3          # a candidate whose evaluator died this often is recorded as failed
@@ -39,10 +40,10 @@ class ActorPool:
         Evaluator = ray.remote(EvaluatorWorker)
         self.evaluators = [Evaluator.options(
             name=f"{name}:evaluator-{i}", num_cpus=ev.num_cpus, num_gpus=ev.num_gpus, max_restarts=ev.max_restarts,
-            max_task_retries=0).remote(cfg.target, cfg.task, ev.fault_injection, i, cfg.quant) for i in range(ev.num)]
+            max_task_retries=0).remote(cfg, i) for i in range(ev.num)]
         self.policy = ray.remote(PolicyWorker).options(
             name=f"{name}:policy", num_cpus=0, num_gpus=pol.num_gpus, max_restarts=pol.max_restarts,
-            max_task_retries=0).remote(pol)
+            max_task_retries=0).remote(pol, get_task(cfg.task).prompts.system)
         s = cfg.search
         self.population = ray.remote(Population).options(name=f"{name}:population", num_cpus=0).remote(
             s.islands, s.population_size, s.elites, s.migration_interval, s.seed)
@@ -84,7 +85,7 @@ def run_search(cfg: RunConfig, resume: bool = False, progress: bool = True) -> d
     ensure_ray(cfg)
     pool = ActorPool(cfg)
     try:
-        search = Search(cfg, resume=resume, progress=progress, population=SyncActor(pool.population))
+        search = Search.open(cfg, resume=resume, progress=progress, population=SyncActor(pool.population))
     except BaseException:
         pool.kill()   # e.g. RunExists: named actors must not outlive a run that never started
         raise
@@ -98,6 +99,7 @@ def run_search(cfg: RunConfig, resume: bool = False, progress: bool = True) -> d
         search.store.save_checkpoint({"summary": summary, "next_id": search.next_id})
     finally:
         search.store.flush()   # whatever happened, every recorded outcome reaches the tables
+        search.store.unlock()
         pool.kill()
     return summary
 

@@ -6,7 +6,7 @@ writes the mask, and optionally the pruned weights. Reductions (row/column sums,
 the whole matrix, so the host computes them with the torch reference before launch and the
 kernel reads them like any other per-row or per-column input.
 
-Semantics are those of `kernels.expr` (guarded division, sqrt of |x|, ...) and `kernels.select`
+Semantics are those of `tree.expr` (guarded division, sqrt of |x|, ...) and `kernels.select`
 (the k lowest scores of a row are pruned, equal scores left to right; N:M keeps the stable-sort
 order). Only `triton.language` operations the interpreter also supports are used, so CPU tests
 exercise the very code a GPU runs.
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import expr
-from .expr import COLVEC, MATRIX, ROWVEC, Node, Shape
+from autoprune_ray.tree import expr
+from autoprune_ray.tree.expr import COLVEC, MATRIX, ROWVEC, Node, Shape
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,15 @@ def _pow(a: str, c: float) -> str:
     return special.get(c, f"tl.exp2({_float(c)} * tl.log2({guarded}))")
 
 
+def _clamp(a: str, lo: float | None, hi: float | None, nan_all: str) -> str:
+    # A bound may be absent (x.clamp(min=0)): only the bounds given are applied, as torch does.
+    if lo is not None:
+        a = f"tl.maximum({a}, {_float(lo)}, {nan_all})"
+    if hi is not None:
+        a = f"tl.minimum({a}, {_float(hi)}, {nan_all})"
+    return a
+
+
 def _op(node: Node, a: list[str]) -> str:
     nan_all = "propagate_nan=tl.PropagateNan.ALL"
     simple = {
@@ -85,8 +94,7 @@ def _op(node: Node, a: list[str]) -> str:
     if node.op == "pow":
         return _pow(a[0], float(node.value))
     if node.op == "clamp":
-        lo, hi = node.value
-        return f"tl.minimum(tl.maximum({a[0]}, {_float(lo)}, {nan_all}), {_float(hi)}, {nan_all})"
+        return _clamp(a[0], *node.value, nan_all)
     raise KeyError(f"no Triton template for operation {node.op!r}")
 
 

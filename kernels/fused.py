@@ -20,9 +20,9 @@ from types import ModuleType
 
 import torch
 
-from . import expr
+from autoprune_ray.tree import expr
 from .codegen import Leaf, generate
-from .expr import COLVEC, MATRIX, ROWVEC, SCALAR, Node, Shape
+from autoprune_ray.tree.expr import COLVEC, MATRIX, ROWVEC, SCALAR, Node, Shape
 from .select import check_sparsity, nm_mask, prune_count, row_mask
 
 BACKENDS = ("auto", "torch", "triton")
@@ -33,7 +33,7 @@ MAX_KERNEL_COLS = 1 << 20
 
 def reference_score(tree: Node, env: dict[str, torch.Tensor]) -> torch.Tensor:
     """The score as a full [out, in] matrix; a non-finite value is an error, never masked."""
-    missing = {n.value for n in expr.walk(tree) if n.op == "input"} - set(env)
+    missing = expr.inputs_of(tree) - set(env)
     if missing:
         raise ValueError(f"program needs input(s) {sorted(missing)} that were not collected")
     score = expr.evaluate(tree, env).expand(env["W"].shape)

@@ -19,7 +19,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-SYSTEM_PROMPT = ("You write pruning metrics for neural networks as one short Python function. "
+# The default; a search serves its task plug-in's system prompt (make_backend(system_prompt=...)).
+SYSTEM_PROMPT = ("You write short Python functions for compressing neural networks. "
                  "Answer with the code in a ```python fence.")
 
 
@@ -36,6 +37,7 @@ class PolicyBackend(abc.ABC):
     """`generate` returns n completions per prompt: prompt 0's n, then prompt 1's n, ..."""
 
     def __init__(self) -> None:
+        self.system_prompt = SYSTEM_PROMPT
         self.tokens_generated = 0
         self._adapter_version: str | None = None
 
@@ -67,19 +69,19 @@ def _check_args(prompts, n: int, temperature: float, max_new_tokens: int) -> Non
         raise ValueError(f"temperature must be >= 0, got {temperature}")
 
 
-def chat_messages(prompt: str) -> list[dict]:
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
+def chat_messages(prompt: str, system: str = SYSTEM_PROMPT) -> list[dict]:
+    return [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
 
 
-def apply_chat_template(tokenizer, prompt: str) -> str:
+def apply_chat_template(tokenizer, prompt: str, system: str = SYSTEM_PROMPT) -> str:
     """The prompt in the tokenizer's chat format, ending where the assistant starts; the bare
     prompt when the tokenizer has no template. Templates without a system role get it inlined."""
     if not getattr(tokenizer, "chat_template", None):
         return prompt
     try:
-        return tokenizer.apply_chat_template(chat_messages(prompt), tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(chat_messages(prompt, system), tokenize=False, add_generation_prompt=True)
     except Exception:  # noqa: BLE001 - e.g. templates that raise on a system message
-        merged = [{"role": "user", "content": f"{SYSTEM_PROMPT}\n\n{prompt}"}]
+        merged = [{"role": "user", "content": f"{system}\n\n{prompt}"}]
         return tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True)
 
 
@@ -159,7 +161,7 @@ class TransformersBackend(PolicyBackend):
         torch = self._torch
         if seed is not None:
             torch.manual_seed(seed)
-        templated = [apply_chat_template(self.tokenizer, p) for p in prompts]
+        templated = [apply_chat_template(self.tokenizer, p, self.system_prompt) for p in prompts]
         with_template = bool(getattr(self.tokenizer, "chat_template", None))
         rows = [(i, templated[i]) for i in range(len(prompts)) for _ in range(n)]
         sampling = {"do_sample": True, "temperature": float(temperature), "top_k": 0, "top_p": 1.0} \
@@ -242,7 +244,7 @@ class VLLMBackend(PolicyBackend):
     def generate(self, prompts, n=1, temperature=0.8, max_new_tokens=256, seed=None):
         _check_args(prompts, n, temperature, max_new_tokens)
         params = self._SamplingParams(n=n, temperature=temperature, max_tokens=max_new_tokens, seed=seed)
-        texts = [apply_chat_template(self.tokenizer, p) for p in prompts]
+        texts = [apply_chat_template(self.tokenizer, p, self.system_prompt) for p in prompts]
         t0 = time.perf_counter()
         outputs = self.llm.generate(texts, params, lora_request=self._lora_request, use_tqdm=False)
         seconds = (time.perf_counter() - t0) / max(1, len(prompts) * n)
@@ -305,7 +307,7 @@ class OpenAIBackend(PolicyBackend):
         _check_args(prompts, n, temperature, max_new_tokens)
         out = []
         for i, prompt in enumerate(prompts):
-            body = {"model": self.model, "messages": chat_messages(prompt), "n": n, "temperature": temperature,
+            body = {"model": self.model, "messages": chat_messages(prompt, self.system_prompt), "n": n, "temperature": temperature,
                     "max_tokens": max_new_tokens}
             if seed is not None:
                 body["seed"] = seed
@@ -335,7 +337,9 @@ BACKENDS = {"transformers": TransformersBackend, "vllm": VLLMBackend, "openai": 
             "scripted": ScriptedBackend}
 
 
-def make_backend(kind: str, **options) -> PolicyBackend:
+def make_backend(kind: str, system_prompt: str | None = None, **options) -> PolicyBackend:
     if kind not in BACKENDS:
         raise ValueError(f"unknown policy backend {kind!r}; choose one of {', '.join(sorted(BACKENDS))}")
-    return BACKENDS[kind](**options)
+    backend = BACKENDS[kind](**options)
+    backend.system_prompt = system_prompt or SYSTEM_PROMPT
+    return backend

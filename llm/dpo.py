@@ -16,29 +16,16 @@ import json
 import math
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from autoprune_ray.llm.backends import apply_chat_template
+from autoprune_ray.llm.backends import SYSTEM_PROMPT, apply_chat_template
+from autoprune_ray.llm.dpo_config import DPOConfig
 
-
-@dataclass
-class DPOConfig:
-    beta: float = 0.1
-    lr: float = 5e-5
-    epochs: int = 1
-    batch_size: int = 4
-    lora_r: int = 8
-    lora_alpha: int = 16
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    max_length: int = 512          # tokens of prompt + completion; the prompt is cut from the left
-    holdout: float = 0.2           # share of pairs held out for the accuracy metric
-    reference: str = "base"        # base | previous
-    seed: int = 0
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -49,9 +36,10 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return -F.logsigmoid(chosen - rejected).mean(), chosen.detach(), rejected.detach()
 
 
-def _encode(tokenizer, prompt: str, completion: str, max_length: int) -> tuple[list[int], int]:
+def _encode(tokenizer, prompt: str, completion: str, max_length: int,
+            system: str = SYSTEM_PROMPT) -> tuple[list[int], int]:
     """Token ids of prompt + completion + eos, and where the completion starts."""
-    templated = apply_chat_template(tokenizer, prompt)
+    templated = apply_chat_template(tokenizer, prompt, system)
     with_template = bool(getattr(tokenizer, "chat_template", None))
     p = tokenizer(templated, add_special_tokens=not with_template).input_ids
     c = tokenizer(completion, add_special_tokens=False).input_ids
@@ -63,9 +51,9 @@ def _encode(tokenizer, prompt: str, completion: str, max_length: int) -> tuple[l
 
 
 def completion_logps(model, tokenizer, prompts: list[str], completions: list[str],
-                     max_length: int = 512) -> torch.Tensor:
+                     max_length: int = 512, system: str = SYSTEM_PROMPT) -> torch.Tensor:
     """Sum of log π(completion token | everything before it), one value per pair."""
-    encoded = [_encode(tokenizer, p, c, max_length) for p, c in zip(prompts, completions)]
+    encoded = [_encode(tokenizer, p, c, max_length, system) for p, c in zip(prompts, completions)]
     width = max(len(ids) for ids, _ in encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
@@ -91,8 +79,8 @@ def _batches(n: int, size: int, rng: random.Random):
 
 def _pair_logps(model, tokenizer, pairs: pd.DataFrame, cfg: DPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
     prompts = list(pairs.prompt)
-    return (completion_logps(model, tokenizer, prompts, list(pairs.chosen), cfg.max_length),
-            completion_logps(model, tokenizer, prompts, list(pairs.rejected), cfg.max_length))
+    return (completion_logps(model, tokenizer, prompts, list(pairs.chosen), cfg.max_length, cfg.system_prompt),
+            completion_logps(model, tokenizer, prompts, list(pairs.rejected), cfg.max_length, cfg.system_prompt))
 
 
 def _reference_logps(model, tokenizer, pairs: pd.DataFrame, cfg: DPOConfig):

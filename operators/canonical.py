@@ -5,8 +5,8 @@ chains or redundant parentheses get the same canonical tree, hence the same hash
 """
 from __future__ import annotations
 
-from autoprune_ray.kernels import expr
-from autoprune_ray.kernels.expr import Node
+from autoprune_ray.tree import expr
+from autoprune_ray.tree.expr import Node
 
 _ASSOCIATIVE = ("add", "mul", "max2", "min2")
 
@@ -41,7 +41,7 @@ def _flatten(node: Node, op: str) -> list[Node]:
 
 
 def _simplify(node: Node) -> Node:
-    """Rewrites that keep the value (within the guarded semantics of kernels.expr)."""
+    """Rewrites that keep the value (within the guarded semantics of tree.expr)."""
     op, args = node.op, node.args
     if op == "pow" and node.value == 1.0:
         return args[0]
@@ -64,7 +64,7 @@ def _fold(node: Node) -> Node:
         return node
     value = float(expr.evaluate(node, {}))
     if value != value or abs(value) == float("inf"):
-        return node  # leave it: the finiteness check reports it
+        return node  # left unfolded: language.check_tree rejects it with the reason
     return expr.const(value)
 
 
@@ -76,10 +76,14 @@ _FUNCS = {"abs": "abs", "sqrt": "sqrt", "log1p": "log1p", "exp": "exp", "square"
 
 
 def pretty(tree: Node, task) -> str:
-    used = {n.value for n in expr.walk(tree) if n.op == "input"}
+    used = expr.inputs_of(tree)
     params = [name for name in task.inputs if name in used]
-    name = {"prune": "score", "mpq": "sensitivity"}.get(task.name, "allocate")
-    return f"def {name}({', '.join(params)}):\n    return {_py(tree)}\n"
+    return f"def {task.function}({', '.join(params)}):\n    return {_py(tree)}\n"
+
+
+def expression_text(node: Node) -> str:
+    """One expression in the syntax programs are printed in (what a rejection reason quotes)."""
+    return _py(node)
 
 
 def _py(node: Node, parent_prec: int = 0, right: bool = False) -> str:

@@ -1,8 +1,7 @@
 """Prompts for the policy LLM: plain strings (the backends apply chat templates).
 
-Every prompt opens with the task's description of the candidate language (`PREAMBLE` for pruning
-metrics, `MPQ_PREAMBLE` for quantization sensitivities) and ends
-with the required output (`OUTPUT_RULE`). Variable parts (feedback, lineage edges) are fitted
+Every prompt opens with the task's description of the candidate language (its plug-in's
+`TaskPrompts.preamble`, laid out by `preamble_text`) and ends with the required output (`OUTPUT_RULE`). Variable parts (feedback, lineage edges) are fitted
 into a character budget, dropping the oldest items first, so that a prompt stays well inside
 SmolLM2's 8k-token context (~1500 tokens). Builders are pure: same inputs, same string.
 """
@@ -13,8 +12,9 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from autoprune_ray.operators.language import MAX_CONST, MAX_DEPTH, MAX_EXPONENT, MAX_NODES, MPQ, PRUNE, \
-    CandidateError, Task, extract_function
+from autoprune_ray.operators.language import MAX_CONST, MAX_DEPTH, MAX_EXPONENT, MAX_NODES, CandidateError, \
+    extract_function
+from autoprune_ray.operators.specs import LanguageSpec
 
 MAX_PROMPT_CHARS = 3600        # ~1500 tokens: English runs ~3.4 characters a token, code ~2.1
 FEEDBACK_CHARS = 700
@@ -26,7 +26,7 @@ _SHAPE_NOTES = {"A": "one value per input column", "M": "one value per input col
                 "V": "one value per input column", "H": "one value per input column"}
 
 
-def _inputs(task: Task) -> str:
+def _inputs(task: LanguageSpec) -> str:
     return "\n".join(f"  {name}: {task.describe[name]}" + (f", {_SHAPE_NOTES[name]}" if name in _SHAPE_NOTES else "")
                      for name in task.inputs)
 
@@ -39,47 +39,27 @@ Division, sqrt and pow are guarded against zero; log is not allowed (use log1p).
 variables; end with one return. No loops, if, imports or other functions.
 Limits: at most {MAX_NODES} operations, {MAX_DEPTH} levels of nesting, constants up to {MAX_CONST:g}."""
 
-PREAMBLE = f"""You design pruning metrics for a language model. A metric is one Python function that gives \
-every weight of a linear layer a score. Higher score = keep the weight. Scores are compared within each \
-output row (each row of W): the lowest-scoring weights of a row are pruned.
-
-Inputs (take only those you use as parameters):
-{_inputs(PRUNE)}
-Vectors broadcast against [out, in] matrices.
-{_RULES} The result must vary per weight, so use W or G.
-Format example (syntax only, not a good metric):
-```python
-def score(W, A):
-    x = W.abs()
-    return x / x.mean(dim=1, keepdim=True) + 0.1 * A
-```"""
-
-MPQ_PREAMBLE = f"""You design sensitivity proxies for mixed-precision quantization of a language model. A \
-proxy is one Python function called for one linear layer quantized to b bits; it returns one number: how \
-much the model suffers from that layer's quantization error. An allocator then gives more bits to the \
-layers whose sensitivity drops most per extra bit, under an average-bits budget, so what matters is \
-ranking layers and bit widths correctly.
-
-Inputs (take only those you use as parameters):
-{_inputs(MPQ)}
-Vectors broadcast against [out, in] matrices.
-{_RULES} The result must be ONE number per layer (reduce over all weights: .sum() or .mean() with no dim) \
-and must use E (or b).
-Format example (syntax only, not a good proxy):
-```python
-def sensitivity(E, A):
-    x = E.abs() * A
-    return x.sum() / (1 + A.mean())
-```"""
-
-PREAMBLES = {"prune": PREAMBLE, "mpq": MPQ_PREAMBLE}
-NOUNS = {"prune": "metric", "mpq": "proxy"}
+@dataclass(frozen=True)
+class TaskPrompts:
+    """What a task plug-in tells the policy: the language preamble every prompt opens with, the
+    noun for one program ("metric", "proxy"), and the ask for a program from scratch."""
+    preamble: str
+    noun: str
+    from_scratch: str
+    system: str = "You write short Python functions in a restricted expression language."
 
 
-def preamble(task: str) -> str:
-    if task not in PREAMBLES:
-        raise ValueError(f"no prompts for task {task!r}: {', '.join(PREAMBLES)}")
-    return PREAMBLES[task]
+def system_prompt(programs: str) -> str:
+    """The policy's system prompt for a task whose programs are `programs`."""
+    return f"You write {programs} as one short Python function. Answer with the code in a ```python fence."
+
+
+def preamble_text(intro: str, spec: LanguageSpec, result_rule: str, example: str) -> str:
+    """The shared layout of a task's preamble: what a program is, its inputs, the rules, a syntax example."""
+    return (f"{intro}\n\nInputs (take only those you use as parameters):\n{_inputs(spec)}\n"
+            f"Vectors broadcast against [out, in] matrices.\n{_RULES} {result_rule}\n"
+            f"Format example (syntax only, not a good {example[0]}):\n```python\n{example[1].strip()}\n```")
+
 
 OUTPUT_RULE = "Answer with ONE python function in a ```python fence. No prose needed."
 
@@ -159,41 +139,36 @@ def feedback_lines(rejections: list[tuple[str, str]]) -> list[str]:
     return out
 
 
-def _with_feedback(task: str, body: str, feedback: list[str]) -> str:
-    head = preamble(task)
+def _with_feedback(task: TaskPrompts, body: str, feedback: list[str]) -> str:
+    head = task.preamble
     room = min(FEEDBACK_CHARS, _room(head, body, OUTPUT_RULE))
     return _assemble(head, body, _feedback_section(list(feedback), room), OUTPUT_RULE)
 
 
-def init_prompt(examples: list[tuple[str, float | None]], feedback: list[str] = (), task: str = "prune") -> str:
+def init_prompt(examples: list[tuple[str, float | None]], feedback: list[str], task: TaskPrompts) -> str:
     """A new program: from scratch when `examples` is empty (no expert knowledge), otherwise
     shown the (code, fitness) examples."""
-    noun = NOUNS[task]
+    noun = task.noun
     if examples:
         shown = "\n".join(_program(code, fit, f"Known {noun} {k + 1}") for k, (code, fit) in enumerate(examples))
         body = (f"{shown}\nWrite a NEW {noun}, different from these, that could get a higher fitness "
                 "(it may combine their ideas or use other inputs).")
-    elif task == "mpq":
-        body = ("Invent a new proxy from scratch: decide what makes a layer's quantization error hurt the "
-                "model's output and write a sensitivity for it.")
     else:
-        body = ("Invent a new metric from scratch: decide which weights matter most for the layer's output "
-                "and write a score for it.")
+        body = task.from_scratch
     return _with_feedback(task, body, feedback)
 
 
-def mutate_prompt(parent_code: str, parent_fitness: float | None, feedback: list[str] = (),
-                  task: str = "prune") -> str:
-    body = (_program(parent_code, parent_fitness, f"Parent {NOUNS[task]}") +
+def mutate_prompt(parent_code: str, parent_fitness: float | None, feedback: list[str], task: TaskPrompts) -> str:
+    body = (_program(parent_code, parent_fitness, f"Parent {task.noun}") +
             "\nWrite an improved variant of the parent: change one idea (a term, an exponent, a normalization "
             "or an input), not just names or formatting.")
     return _with_feedback(task, body, feedback)
 
 
 def crossover_prompt(parent_a: str, fitness_a: float | None, parent_b: str, fitness_b: float | None,
-                     feedback: list[str] = (), task: str = "prune") -> str:
+                     feedback: list[str], task: TaskPrompts) -> str:
     body = (_program(parent_a, fitness_a, "Parent A") + "\n" + _program(parent_b, fitness_b, "Parent B") +
-            f"\nWrite a child {NOUNS[task]} that combines the strongest parts of A and B into one program.")
+            f"\nWrite a child {task.noun} that combines the strongest parts of A and B into one program.")
     return _with_feedback(task, body, feedback)
 
 
@@ -242,9 +217,9 @@ def _edge_text(edge: LineageEdge, nodes: dict[int, LineageNode]) -> str:
             f"{code_diff(parent.code, child.code)}")
 
 
-def gcot_prompt(graph: LineageGraph, task: str = "prune") -> str:
+def gcot_prompt(graph: LineageGraph, task: TaskPrompts) -> str:
     """Reason along the lineage edges (what change helped, what hurt), then write the next program."""
-    nodes, noun, head_text = {n.id: n for n in graph.nodes}, NOUNS[task], preamble(task)
+    nodes, noun, head_text = {n.id: n for n in graph.nodes}, task.noun, task.preamble
     scored = [n for n in graph.nodes if n.fitness is not None and math.isfinite(n.fitness)]
     if scored:
         best = max(scored, key=lambda n: (n.fitness, -n.id))

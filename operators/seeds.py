@@ -44,7 +44,3 @@ def allocation_seeds() -> dict[str, Candidate]:
 def sensitivity_seeds() -> dict[str, Candidate]:
     return {name: parse(src, "mpq") for name, src in SENSITIVITY_SEEDS.items()}
 
-
-def task_seeds(task: str) -> dict[str, Candidate]:
-    """The seeds a search of `task` starts from (allocation searches start from none)."""
-    return {"prune": score_seeds, "mpq": sensitivity_seeds}.get(task, dict)()

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import random
 
-from autoprune_ray.kernels import expr
-from autoprune_ray.kernels.expr import OPS, Node
+from autoprune_ray.tree import expr
+from autoprune_ray.tree.expr import OPS, Node
 from autoprune_ray.operators.canonical import canonicalize, pretty
-from autoprune_ray.operators.language import (MAX_CONST, MAX_EXPONENT, TASKS, Candidate, CandidateError,
-                                              check_tree)
+from autoprune_ray.operators.language import MAX_CONST, MAX_EXPONENT, Candidate, CandidateError, check_tree
+from autoprune_ray.operators.specs import SPECS
 
 UNARY = ["abs", "sqrt", "log1p", "square", "sigmoid", "tanh", "neg", "exp"]
 BINARY = ["add", "sub", "mul", "div", "max2", "min2"]
@@ -32,7 +32,7 @@ def _replace(node: Node, path: tuple, new: Node) -> Node:
 
 def random_tree(rng: random.Random, task: str = "prune", depth: int = 3) -> Node:
     """A small random expression over the task's inputs."""
-    names = list(TASKS[task].inputs)
+    names = list(SPECS[task].inputs)
     if depth <= 0 or rng.random() < 0.3:
         if rng.random() < 0.15:
             return expr.const(round(rng.uniform(0.1, 3), 2))
@@ -43,14 +43,14 @@ def random_tree(rng: random.Random, task: str = "prune", depth: int = 3) -> Node
         return Node(rng.choice(UNARY), (random_tree(rng, task, depth - 1),))
     if roll < 0.5:
         return Node("pow", (random_tree(rng, task, depth - 1),), rng.choice([0.25, 0.5, 1.5, 2.0, 3.0, -0.5]))
-    if roll < 0.6 and task in ("prune", "mpq"):
+    if roll < 0.6 and any(shape.cols for shape in SPECS[task].inputs.values()):   # something to reduce
         return Node(rng.choice(REDUCE), (random_tree(rng, task, depth - 1),))
     return Node(rng.choice(BINARY), (random_tree(rng, task, depth - 1), random_tree(rng, task, depth - 1)))
 
 
 def _reduce_fully(tree: Node, task: str) -> Node:
     """A sensitivity (mpq) is one number per layer: sum whatever a variation left unreduced."""
-    shape = expr.shape_of(tree, TASKS[task].inputs)
+    shape = expr.shape_of(tree, SPECS[task].inputs)
     if shape.cols:
         tree = Node("sum_row", (tree,))
     if shape.rows:
@@ -60,16 +60,21 @@ def _reduce_fully(tree: Node, task: str) -> Node:
 
 def _finish(tree: Node, task: str, parents: tuple[Candidate, ...]) -> Candidate | None:
     try:
-        if TASKS[task].result_must_vary == "scalar":
+        if SPECS[task].result_must_vary == "scalar":
             tree = _reduce_fully(tree, task)
         tree = canonicalize(tree)
-        check_tree(tree, TASKS[task])
+        check_tree(tree, SPECS[task])
     except CandidateError:
         return None
     if any(tree == p.tree for p in parents):
         return None  # no change is no variation
     granularity = parents[0].granularity if parents else "row"
-    return Candidate(task=task, tree=tree, source=pretty(tree, TASKS[task]), granularity=granularity)
+    return Candidate(task=task, tree=tree, source=pretty(tree, SPECS[task]), granularity=granularity)
+
+
+def random_candidate(rng: random.Random, task: str = "prune", depth: int = 3, tries: int = 10) -> Candidate | None:
+    """A valid random program of the task (symbolic_init), or None after `tries` attempts."""
+    return _retry(lambda: _finish(random_tree(rng, task, depth), task, ()), tries)
 
 
 def _retry(make, tries: int):

@@ -4,25 +4,12 @@ import os
 # Triton reads this when @triton.jit runs, so it must be set before any kernel module is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import random  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-WORDS = ("the a of and to in was her she he his not it that with for had as but you be at on "
-         "my have which by mr all they so were this been from would very no could there said "
-         "emma anne elinor much must will more one do any such what an if me or when time").split()
-
-
-def pseudo_text(n_paragraphs: int, seed: int) -> str:
-    rng = random.Random(seed)
-    paragraphs = []
-    for _ in range(n_paragraphs):
-        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14))).capitalize() + "."
-                     for _ in range(rng.randint(2, 5))]
-        paragraphs.append(" ".join(sentences))
-    return "\n\n".join(paragraphs)
+from tests_support import pseudo_text  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)

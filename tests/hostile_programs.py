@@ -202,7 +202,12 @@ _TEXT = [
     "def score(W) -> open('/tmp/x'):\n    return W\n", "def score(secret, X):\n    return X\n",
     "def score():\n    return 1\n", "def score(W, W):\n    return W\n", "class score:\n    pass\n",
      "\ufeffdef score(W):\n    return W\n\u202e",
-    
+    # one function only: no second definition (the first may be a helper the second calls), no decorators
+    "def score(W):\n    return W  # 🚀\n" * 3,
+    "def score(W):\n    return W\ndef other(A):\n    return A\n",
+    "def helper(W):\n    return W.abs()\ndef score(W, A):\n    return helper(W) * A\n",
+    "@torch.jit.script\ndef score(W):\n    return W.abs()\n",
+    "@torch.no_grad()\ndef score(W):\n    return W.abs()\n",
 ]
 
 # Odd but harmless: these must parse (to the program shown), not crash or be rejected.
@@ -210,11 +215,12 @@ TOLERATED = [
     ("def score(W):\n    return +W\n", "W"),
     ("def score(W):\n    return " + "(" * 200 + "W" + ")" * 200 + "\n", "W"),
     ("def score(W):\n    return W * (-1) ** 0.5\n", "mul(1.0,W)"),             # pow is defined on |x|
-    ("def score(W):\n    return W  # 🚀\n" * 3, "W"),                         # the first definition counts
-    ("def score(W):\n    return W\ndef other(A):\n    return A\n", "W"),
-    ("import torch\ndef score(W):\n    return W\n", "W"),                     # never executed anyway
-    ("x = 1\ndef score(W):\n    return W\n", "W"),
-    ("@torch.jit.script\ndef score(W):\n    return W.abs()\n", "abs(W)"),
+    ("import torch\ndef score(W):\n    return W\n", "W"),                     # a completion's extra statements
+    ("x = 1\ndef score(W):\n    return W\n", "W"),                            # are ignored (never executed)
+    ("def score(W):\n# a comment at column 0\n    return W\n", "W"),
+    ("def score(W):\r    return W\r", "W"),                                   # old Mac line ends
+    ("def score(W, G):\n    x = W  # note\x1c    x = G\n    return x\n", "W"),  # \x1c ends no line for Python
+    ("def score(W):\n    return W.clamp(min=0)\n", "clamp(W|(0.0, None))"),
     ("def score(W):\n    '\'\'doc'\'\'\n    return W\n" + "#" * 5000, "W"),
     ("def score(W):\n    return W\n" + "x" * 100000, "W"),
     ("def score(W: torch.Tensor, A: 'Tensor') -> torch.Tensor:\n    return W.abs() * A\n", "mul(A,abs(W))"),

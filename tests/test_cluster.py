@@ -21,9 +21,9 @@ ray = pytest.importorskip("ray")
 from autoprune_ray.engine.cli import main  # noqa: E402
 from autoprune_ray.engine.storage import RunStore  # noqa: E402
 
-from test_engine import COMPLETIONS, assert_one_outcome_each  # noqa: E402
+from tests_support import COMPLETIONS, assert_one_outcome_each  # noqa: E402
 from tests_support import (assert_resumed_cleanly, cli, client_env, job_id, local_ray_cluster,  # noqa: E402
-                           ray_state, write_cluster_file)
+                           ray_state, scaled, write_cluster_file)
 
 
 @pytest.fixture(scope="module")
@@ -44,19 +44,44 @@ def small_search(name: str, run_dir, tiny_model_dir, corpus_file, evaluations: i
                          "operators": {"llm_mutate": 0.5, "llm_init": 0.2, "symbolic_mutate": 0.3}}}
 
 
-def costly_cluster_file(path, cluster, search: dict, sleep_seconds: float):
+def costly_cluster_file(path, cluster, search: dict, sleep_seconds: float, pause_while_file=None):
     # a known cost per evaluation spreads the work over all three evaluators
-    return write_cluster_file(path, cluster["jobs"], search, evaluators=3, overrides={
-        "evaluators.fault_injection": {"sleep_seconds": str(sleep_seconds)}})
+    faults = {"sleep_seconds": str(sleep_seconds)} | ({"pause_while_file": str(pause_while_file)}
+                                                      if pause_while_file else {})
+    return write_cluster_file(path, cluster["jobs"], search, evaluators=3,
+                              overrides={"evaluators.fault_injection": faults})
+
+
+def wait_for_actors(cluster, names: set[str], timeout: float = 180) -> None:
+    """Until every named actor is ALIVE (its constructor has finished)."""
+    deadline = time.time() + scaled(timeout)
+    while names - {a["name"] for a in ray_state("actors", cluster["gcs"]) if a["state"] == "ALIVE"}:
+        assert time.time() < deadline, f"actors {sorted(names)} did not all come up"
+        time.sleep(1)
 
 
 def test_launch_runs_a_search_as_a_ray_job_on_two_nodes(cluster, tmp_path, tiny_model_dir, corpus_file):
     search = small_search("launched", tmp_path / "runs" / "{name}", tiny_model_dir, corpus_file, evaluations=9)
-    cluster_file = costly_cluster_file(tmp_path / "cluster.yaml", cluster, search, sleep_seconds=1)
-    result = cli("launch", str(cluster_file))
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "dashboard: http://127.0.0.1" in result.stdout and "SUCCEEDED" in result.stdout
-    job = job_id(result.stdout)
+    # evaluations wait until all three evaluators are up: on a busy machine the worker node's
+    # evaluator comes up last, and both nodes must evaluate (an event, not a longer sleep)
+    pause = tmp_path / "pause"
+    pause.touch()
+    cluster_file = costly_cluster_file(tmp_path / "cluster.yaml", cluster, search, sleep_seconds=1,
+                                       pause_while_file=pause)
+    stdout, stderr = tmp_path / "launch.out", tmp_path / "launch.err"
+    with open(stdout, "w") as out, open(stderr, "w") as err:
+        launch = subprocess.Popen([sys.executable, "-m", "autoprune_ray.engine.cli", "launch", str(cluster_file)],
+                                  env=client_env(), stdout=out, stderr=err)
+    try:
+        wait_for_actors(cluster, {f"launched:evaluator-{i}" for i in range(3)})
+        pause.unlink()
+        assert launch.wait(timeout=scaled(600)) == 0, stdout.read_text()[-3000:] + stderr.read_text()[-2000:]
+    finally:
+        if launch.poll() is None:
+            launch.kill()
+    output = stdout.read_text()
+    assert "dashboard: http://127.0.0.1" in output and "SUCCEEDED" in output
+    job = job_id(output)
     store = RunStore(tmp_path / "runs" / "launched")
     cands, evals = store.read("candidates"), store.read("evaluations")
     assert len(evals) == 9
@@ -80,14 +105,15 @@ def test_a_launched_run_shows_its_metrics_and_named_actors_and_stops(cluster, tm
     names, text = set(), ""
     wanted = {"watched:policy", "watched:population", "watched:evaluator-0", "watched:evaluator-1",
               "watched:evaluator-2"}
-    deadline = time.time() + 180
-    while time.time() < deadline and not ("ray_autoprune_candidates_proposed" in text and names == wanted):
+    metrics = ("ray_autoprune_candidates_proposed_total", "ray_autoprune_eval_queue_depth",
+               "ray_autoprune_candidates_evaluated_total")
+    deadline = time.time() + scaled(180)
+    while time.time() < deadline and not (all(m in text for m in metrics) and names == wanted):
         time.sleep(3)
         text = _get(cluster["metrics"])
         names = wanted & {a["name"] for a in ray_state("actors", cluster["gcs"])}
     # the engine's metrics in the head node's Prometheus export, its actors in Ray's state API
-    for metric in ("ray_autoprune_candidates_proposed_total", "ray_autoprune_eval_queue_depth",
-                   "ray_autoprune_candidates_evaluated_total"):
+    for metric in metrics:
         assert metric in text, metric
     assert names == wanted
     assert cli("stop", job, "--address", cluster["jobs"]).returncode == 0
@@ -96,7 +122,7 @@ def test_a_launched_run_shows_its_metrics_and_named_actors_and_stops(cluster, tm
 
 def wait_for_job(cluster, job: str, timeout: float = 120) -> str:
     """The job's status once it has ended (or whatever it is at the deadline)."""
-    deadline = time.time() + timeout
+    deadline = time.time() + scaled(timeout)
     while True:
         status = json.loads(cli("status", job, "--address", cluster["jobs"]).stdout)["status"]
         if status in ("SUCCEEDED", "FAILED", "STOPPED") or time.time() > deadline:
@@ -105,6 +131,7 @@ def wait_for_job(cluster, job: str, timeout: float = 120) -> str:
 
 
 def wait_for_evaluations(store_dir, count: int, timeout: float = 180) -> None:
+    timeout = scaled(timeout)
     deadline = time.time() + timeout
     while not ((store_dir / "config.yaml").exists() and len(RunStore(store_dir).read("evaluations")) >= count):
         assert time.time() < deadline, f"fewer than {count} evaluations recorded in {timeout:.0f} s"
@@ -113,16 +140,20 @@ def wait_for_evaluations(store_dir, count: int, timeout: float = 180) -> None:
 
 def test_a_stopped_job_launched_again_resumes_from_its_checkpoint(cluster, tmp_path, tiny_model_dir, corpus_file):
     search = small_search("relaunched", tmp_path / "runs" / "{name}", tiny_model_dir, corpus_file, evaluations=12)
-    cluster_file = costly_cluster_file(tmp_path / "c.yaml", cluster, search, sleep_seconds=1.5)
+    pause = tmp_path / "pause"
+    cluster_file = costly_cluster_file(tmp_path / "c.yaml", cluster, search, sleep_seconds=1.5,
+                                       pause_while_file=pause)
     store_dir = tmp_path / "runs" / "relaunched"
     first = cli("launch", str(cluster_file), "--no-wait")
     assert first.returncode == 0, first.stderr
     wait_for_evaluations(store_dir, 3)
+    pause.touch()   # evaluations not yet started wait: the job is stopped mid-run however slow `stop` is
     # `stop` ends the driver (SIGTERM, then SIGKILL) wherever it is: the checkpoint is all that is left
     assert cli("stop", job_id(first.stdout), "--address", cluster["jobs"]).returncode == 0
     assert wait_for_job(cluster, job_id(first.stdout)) == "STOPPED"
     before = RunStore(store_dir).read("evaluations")
     assert 3 <= len(before) < 12
+    pause.unlink()
 
     again = cli("launch", str(cluster_file))   # the same file: the driver finds the run directory and resumes
     assert again.returncode == 0 and "SUCCEEDED" in again.stdout, again.stdout[-3000:] + again.stderr[-2000:]
@@ -144,7 +175,7 @@ def test_an_evaluator_killed_on_the_cluster_restarts_and_its_candidate_is_record
                       if a["name"] == "shot:evaluator-0" and a["state"] == "ALIVE")
         # evaluations are mostly the 2 s sleep and the queue is never empty: the kill lands mid-evaluation
         os.kill(victim["pid"], signal.SIGKILL)
-        assert launch.wait(timeout=300) == 0, log.read_text()[-3000:]
+        assert launch.wait(timeout=scaled(300)) == 0, log.read_text()[-3000:]
     finally:
         if launch.poll() is None:
             launch.kill()

@@ -7,7 +7,7 @@ import torch
 
 from autoprune_ray.compress.data import (austen_corpus, eval_stream, file_corpus, load_corpus, load_token_data,
                                          sample_stream_windows)
-from conftest import pseudo_text
+from tests_support import pseudo_text
 
 
 def contains(haystack: torch.Tensor, needle: torch.Tensor) -> bool:

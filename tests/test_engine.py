@@ -8,61 +8,16 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from autoprune_ray.engine.config import EvaluatorConfig, PolicyConfig, RunConfig, SearchConfig, TargetConfig  # noqa: E402
 from autoprune_ray.engine.runner import run_search  # noqa: E402
 from autoprune_ray.engine.storage import RunStore  # noqa: E402
-
-COMPLETIONS = [
-    "Here is a new metric:\n```python\ndef score(W, A):\n    return W.abs() * A.sqrt()\n```",
-    "```python\ndef score(W, A):\n    return W.abs() * A.sqrt()\n```",                    # duplicate
-    "I think we should prune small weights.",                                               # no code
-    "```python\ndef score(W, A):\n    import os\n    return W\n```",                         # rejected
-    "```python\ndef score(W, A, M):\n    return W.abs() * A + 0.1 * M.abs()\n```",
-    "```python\ndef score(W, V):\n    return W.abs() * (V + 1).log1p()\n```",
-    "```python\ndef score(W, A):\n    return (W.abs() * A) ** 0.5 + W.abs().mean(dim=1)\n```",
-    "```python\ndef score(W, A, H):\n    return W.abs() * H.sqrt() / (A + 1)\n```",
-]
-
+from tests_support import (COMPLETIONS, assert_one_outcome_each, make_config, run_task_search,  # noqa: E402
+                           scaled, tables)
 
 @pytest.fixture(scope="session")
 def ray_session():
     ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
-
-
-def make_config(tmp_path, tiny_model_dir, corpus_file, name="t", **search) -> RunConfig:
-    defaults = dict(islands=2, population_size=6, elites=1, migration_interval=3, max_evaluations=8,
-                    max_seconds=300, eval_time_limit=60, queue_size=4, cascade=100.0, checkpoint_every=1,
-                    operators={"llm_mutate": 0.5, "llm_init": 0.2, "symbolic_mutate": 0.3})
-    defaults.update(search)
-    return RunConfig(
-        name=name, run_dir=str(tmp_path / "{name}"),
-        target=TargetConfig(model=str(tiny_model_dir), calib_data=str(corpus_file), nsamples=4, seqlen=32,
-                            eval_tokens=128, device="cpu"),
-        policy=PolicyConfig(backend="scripted", scripted=COMPLETIONS, prompts_per_batch=2, completions_per_prompt=2),
-        search=SearchConfig(**defaults),
-        evaluators=EvaluatorConfig(num=2, num_cpus=1)).validate()
-
-
-def tables(cfg):
-    store = RunStore(cfg.resolved_run_dir)
-    return store.read("candidates"), store.read("evaluations")
-
-
-def assert_one_outcome_each(cands: pd.DataFrame, evals: pd.DataFrame, summary: dict | None = None):
-    assert cands.candidate_id.is_unique
-    accepted = set(cands[cands.status == "accepted"].candidate_id)
-    assert evals.candidate_id.is_unique, "a candidate was recorded twice"
-    assert set(evals.candidate_id) <= accepted, "only accepted candidates are evaluated"
-    if summary is not None:   # the rest are pending, and the run says how many
-        assert len(accepted - set(evals.candidate_id)) == summary["pending"]
-    assert not evals[evals.status.isin(["ok", "screened"])].hash.duplicated().any(), "a program was evaluated twice"
-    dups = cands[cands.status == "duplicate"]
-    first = cands.set_index("candidate_id")
-    for row in dups.itertuples():
-        assert first.loc[int(row.duplicate_of)].hash == row.hash
-    assert (cands[cands.status == "rejected"].reason.str.len() > 0).all()
 
 
 def test_search_pipeline_records_every_outcome(ray_session, tmp_path, tiny_model_dir, corpus_file):
@@ -115,27 +70,36 @@ def test_a_killed_policy_actor_restarts_and_the_run_goes_on(ray_session, tmp_pat
     caplog.set_level("INFO", logger="autoprune_ray")
     cfg = make_config(tmp_path, tiny_model_dir, corpus_file, name="p", max_evaluations=8,
                       operators={"llm_mutate": 0.5, "llm_init": 0.2, "symbolic_mutate": 0.3})
-    cfg.evaluators.fault_injection = {"sleep_seconds": "1"}   # keeps the run going while the policy is killed
+    # Evaluations wait while the pause file exists: the run cannot end before the restarted policy
+    # has written a batch, however slow the machine (events, not a race against a fixed sleep).
+    pause = tmp_path / "pause"
+    cfg.evaluators.fault_injection = {"pause_while_file": str(pause)}
+    cfg.search.eval_time_limit = 600
     killed = {}
 
     def kill_policy_when_evaluating():
         store = RunStore(cfg.resolved_run_dir)
-        deadline = time.time() + 300
+        deadline = time.time() + scaled(600)
         while time.time() < deadline:
             if (cfg.resolved_run_dir / "tables" / "evaluations").exists() and len(store.read("evaluations")):
+                pause.touch()
                 policy = ray.get_actor(f"{cfg.name}:policy")
                 killed["pid"] = ray.get(policy.ping.remote())["pid"]
                 ray.kill(policy, no_restart=False)
                 killed["after"] = len(store.read("candidates"))
-                while time.time() < deadline:   # the kill is asynchronous; calls fail while the actor restarts
-                    try:
-                        pid = ray.get(policy.ping.remote(), timeout=30)["pid"]
-                        if pid != killed["pid"]:
-                            killed["new_pid"] = pid
-                            return
-                    except ray.exceptions.RayError:
-                        pass
-                    time.sleep(0.5)
+                try:
+                    while time.time() < deadline:   # the kill is asynchronous; calls fail while it restarts
+                        try:
+                            ping = ray.get(policy.ping.remote(), timeout=30)
+                            if ping["pid"] != killed["pid"]:
+                                killed["new_pid"] = ping["pid"]
+                            if "new_pid" in killed and ping["tokens"] > 0:
+                                return   # the restarted policy has written a batch: let the run go on
+                        except ray.exceptions.RayError:
+                            pass
+                        time.sleep(0.5)
+                finally:
+                    pause.unlink()
                 return
             time.sleep(0.2)
 
@@ -308,19 +272,83 @@ def test_mpq_search_records_bits_rank_correlation_and_reports(ray_session, tmp_p
     from autoprune_ray.engine.report import write_report
 
     cfg = make_config(tmp_path, tiny_model_dir, corpus_file, name="q", max_evaluations=7)
-    cfg.task = "mpq"
     cfg.quant = QuantSettings(avg_bits=4.5, group_size=16, measure_layers=4, measure_tokens=128)
-    cfg.policy.scripted = MPQ_COMPLETIONS
-    summary = run_search(cfg.validate(), progress=False)
-    cands, evals = tables(cfg)
-    assert_one_outcome_each(cands, evals, summary)
+    cands, evals = run_task_search(cfg, "mpq", MPQ_COMPLETIONS)
     assert set(cands[cands.operator == "seed"].code.str.slice(0, 15)) == {"def sensitivity"}
     assert cands[cands.status == "rejected"].reason.str.contains("one number per layer").any()
     ok = evals[evals.status == "ok"]
-    assert len(ok) >= 4 and (ok.avg_bits <= 4.5).all() and (ok.avg_bits > 4.0).all()
+    assert len(ok) >= 4 and (ok.avg_bits <= 4.5).all()
+    # the seeds' sensitivities fall with more bits, so they spend the budget beyond all-2-bit (4.0);
+    # an evolved proxy may not (a symbolic child whose sensitivity grows with b gets all 2 bits)
+    seeds = ok.candidate_id.isin(cands[cands.operator == "seed"].candidate_id)
+    assert seeds.any() and (ok[seeds].avg_bits > 4.0).all()
     assert ok.spearman.between(-1, 1).all() and ok.kendall.between(-1, 1).all()
     proto = Protocol(calib_data=str(corpus_file), nsamples=4, seqlen=32, eval_tokens=128)
     text = write_report(cfg.resolved_run_dir, proto).read_text()
     for label in ("| best program |", "| uniform |", "| hawq |", "| aptq |"):
         assert label in text
     assert "Rank correlation of the best proxy" in text and "avg_bits" in text
+
+
+ALLOCATE_COMPLETIONS = [
+    "```python\ndef allocate(depth, outlier):\n    return depth - 2 * outlier\n```",
+    "```python\ndef allocate(kurt):\n    return -kurt\n```",
+    "```python\ndef allocate(W):\n    return W\n```",                                   # rejected: no such input
+    "```python\ndef allocate(skew, size):\n    return skew * size\n```",
+]
+
+
+def test_allocate_search_runs_through_its_plugin(ray_session, tmp_path, tiny_model_dir, corpus_file):
+    """Task allocate end to end: a fixed metric (Wanda), the program choosing block sparsities.
+    Every evaluation keeps the target on average; the best program's search-time perplexity is
+    what pruning a fresh model with the same allocation through prune_model gives."""
+    from autoprune_ray.compress.data import load_token_data
+    from autoprune_ray.compress.eval import perplexity
+    from autoprune_ray.compress.models import load_model
+    from autoprune_ray.compress.prune import prune_model
+    from autoprune_ray.tasks import get_task
+
+    cfg = make_config(tmp_path, tiny_model_dir, corpus_file, name="a", max_evaluations=6)
+    cands, evals = run_task_search(cfg, "allocate", ALLOCATE_COMPLETIONS)
+    assert set(cands[cands.operator == "seed"].code.str.slice(0, 12)) == {"def allocate"}
+    assert cands[cands.status == "rejected"].reason.str.contains("unknown parameter `W`").any()
+    ok = evals[evals.status == "ok"].merge(cands[["candidate_id", "code"]], on="candidate_id")
+    assert len(ok) >= 4 and ok.sparsity.between(0.49, 0.51).all()
+    best = ok.loc[ok.perplexity.idxmin()]
+    plugin = get_task("allocate")
+    prune_cfg = plugin.compression_config(parse_allocation(best.code), cfg)
+    prune_cfg.mode = "one-pass"
+    lm = load_model(str(tiny_model_dir), device="cpu")
+    data = load_token_data(lm.tokenizer, str(corpus_file), None, 4, 32, 0, 128)
+    prune_model(lm, data, prune_cfg)
+    assert perplexity(lm, data.evaluation, data.seqlen, progress=False) == pytest.approx(best.perplexity, rel=1e-5)
+
+
+def parse_allocation(code: str):
+    from autoprune_ray.operators.language import parse
+    return parse(code, "allocate")
+
+
+def test_a_parser_fault_becomes_a_rejection_not_a_crash(ray_session, tmp_path, tiny_model_dir, corpus_file,
+                                                        monkeypatch):
+    """Whatever the parser raises on a completion (here an injected RuntimeError on one of them) is
+    recorded as that completion's rejection with the reason; the search runs to its budget."""
+    from autoprune_ray.engine import proposals
+
+    real_parse = proposals.parse
+
+    def faulty_parse(text, task, *args, **kwargs):
+        if "M.abs()" in text:
+            raise RuntimeError("injected parser fault")
+        return real_parse(text, task, *args, **kwargs)
+
+    monkeypatch.setattr(proposals, "parse", faulty_parse)
+    cfg = make_config(tmp_path, tiny_model_dir, corpus_file, name="f", max_evaluations=4,
+                      operators={"llm_init": 1.0})
+    summary = run_search(cfg, progress=False)
+    cands, evals = tables(cfg)
+    assert summary["evaluated"] == 4
+    faulted = cands[cands.source.str.contains("M.abs()", regex=False)]
+    assert len(faulted) and (faulted.status == "rejected").all()
+    assert faulted.reason.str.contains("could not be parsed (RuntimeError: injected parser fault)",
+                                       regex=False).all()

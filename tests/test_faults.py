@@ -15,8 +15,8 @@ pytest.importorskip("ray")
 
 from autoprune_ray.engine.storage import RunStore  # noqa: E402
 
-from test_engine import COMPLETIONS  # noqa: E402
-from tests_support import assert_resumed_cleanly  # noqa: E402
+from tests_support import COMPLETIONS  # noqa: E402
+from tests_support import assert_resumed_cleanly, scaled  # noqa: E402
 
 
 def run_cli(config, *extra) -> subprocess.Popen:
@@ -39,7 +39,7 @@ def test_killed_driver_resumes_without_losing_or_repeating(tmp_path, tiny_model_
         "ray": {"num_cpus": 2}}))
     store_dir = tmp_path / "killed"
     driver = run_cli(config)
-    deadline = time.time() + 300
+    deadline = time.time() + scaled(300)
     while time.time() < deadline and driver.poll() is None:
         if (store_dir / "config.yaml").exists() and len(RunStore(store_dir).read("evaluations")) >= 4:
             break
@@ -51,6 +51,6 @@ def test_killed_driver_resumes_without_losing_or_repeating(tmp_path, tiny_model_
     assert 4 <= len(before) < 10
 
     resumed = run_cli(config, "--resume")
-    _, err = resumed.communicate(timeout=600)
+    _, err = resumed.communicate(timeout=scaled(600))
     assert resumed.returncode == 0, err[-2000:]
     assert_resumed_cleanly(RunStore(store_dir), before, total=10)

@@ -1,4 +1,4 @@
-"""The fused Triton pruning kernel against its torch reference (kernels.expr + kernels.select).
+"""The fused Triton pruning kernel against its torch reference (tree.expr + kernels.select).
 
 Under TRITON_INTERPRET=1 (CI) the generated kernels run on the CPU. On a GPU machine run
 `TRITON_INTERPRET=0 pytest tests/test_kernels.py` and the same tests run compiled on CUDA."""
@@ -10,8 +10,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from autoprune_ray.kernels import expr
-from autoprune_ray.kernels.expr import call, inp
+from autoprune_ray.tree import expr
+from autoprune_ray.tree.expr import call, inp
 from autoprune_ray.kernels.fused import (compiled_count, prune_mask, reference_mask, reference_score,
                                          resolve_backend, triton_mask)
 from autoprune_ray.kernels.select import nm_mask, prune_count, row_mask
@@ -76,7 +76,8 @@ def random_program(seed: int):
 
 def parse_tree(tree):
     from autoprune_ray.operators.canonical import canonicalize
-    from autoprune_ray.operators.language import PRUNE, check_tree
+    from autoprune_ray.operators.language import check_tree
+    from autoprune_ray.operators.specs import PRUNE
     tree = canonicalize(tree)
     check_tree(tree, PRUNE)
     return tree

@@ -1,13 +1,15 @@
 """The candidate language: parsing LLM-style programs, canonical hashing, pretty-printing,
 and the symbolic operators."""
+import importlib.util
 import random
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from autoprune_ray.kernels import expr
+from autoprune_ray.tree import expr
 from autoprune_ray.operators import symbolic
 from autoprune_ray.operators.language import CandidateError, parse
 from autoprune_ray.operators.seeds import score_seeds
@@ -42,6 +44,9 @@ def test_torch_and_plain_styles_mean_the_same():
     ("def s(W): return W + W.norm(p=2, dim=0)", lambda e: e["W"] + e["W"].norm(dim=0, keepdim=True)),
     ("def s(W, V): return W / V.mean()", lambda e: e["W"] / e["V"].mean()),
     ("def s(W): return torch.clamp(W, min=-0.5, max=0.5)", lambda e: e["W"].clamp(-0.5, 0.5)),
+    ("def s(W): return W.clamp(min=0)", lambda e: e["W"].clamp(min=0)),
+    ("def s(W): return torch.clip(W, None, 0.25)", lambda e: e["W"].clamp(max=0.25)),
+    ("def s(W): return torch.norm(W, 2, 1) * W", lambda e: e["W"].norm(dim=1, keepdim=True) * e["W"]),
     ("def s(W, M): return torch.maximum(W, M) - min(W, M)", lambda e: torch.maximum(e["W"], e["M"]) - torch.minimum(e["W"], e["M"])),
     ("def s(W, d): return torch.sigmoid(W) * torch.tanh(W) + d", lambda e: torch.sigmoid(e["W"]) * torch.tanh(e["W"]) + e["d"]),
     ("def s(W, eps=1e-3):\n    x = W ** 2\n    x += eps\n    return x.log1p()", lambda e: torch.log1p(e["W"] ** 2 + 1e-3)),
@@ -76,6 +81,30 @@ def test_reused_locals_cannot_blow_up():
     body = "\n".join("    x = x * x + x" for _ in range(40))
     with pytest.raises(CandidateError, match="too large"):
         parse(f"def s(W):\n    x = W\n{body}\n    return x")
+
+
+# -- the reference evaluator: shared subtrees once, intermediates freed ----------------------
+
+def _memory_benchmark():
+    """benchmarks/expr_memory.py by path (benchmarks/ is no package): its live-bytes counter."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "expr_memory.py"
+    spec = importlib.util.spec_from_file_location("_benchmarks_expr_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_evaluation_frees_intermediates_and_computes_shared_subtrees_once():
+    bench = _memory_benchmark()
+    env = bench.layer_inputs(32, 48)
+    tree = parse(bench.DEEP_PROGRAM).tree
+    kept, _ = bench.peak_bytes(lambda: expr.evaluate(tree, env, memo={}))
+    freed, _ = bench.peak_bytes(lambda: expr.evaluate(tree, env))
+    matrix = 32 * 48 * 4
+    assert freed <= 6 * matrix and kept >= 20 * matrix
+    torch.testing.assert_close(expr.evaluate(tree, env), expr.evaluate(tree, env, memo={}))
+    shared = parse("def s(W, A):\n    a = torch.sigmoid(W)\n    return a * A + a").tree   # sigmoid, mul, add
+    assert bench.peak_bytes(lambda: expr.evaluate(shared, env))[1] == 3
 
 
 # -- canonical form: names, order, grouping and parentheses do not change the hash ------------

@@ -1,17 +1,14 @@
-"""Hostile programs are rejected cleanly, nothing in them runs, and random text never crashes
-the parser: it returns a candidate or raises CandidateError, nothing else."""
+"""Hostile programs are rejected cleanly with a reason, and nothing in them runs. (Random text and
+mutated programs are fuzzed in test_language_fuzz.py.)"""
 import builtins
 import os
 import time
 from collections import Counter
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
-from autoprune_ray.kernels.expr import to_string
+from autoprune_ray.tree.expr import to_string
 from autoprune_ray.operators.language import CandidateError, parse
-from autoprune_ray.operators.seeds import SCORE_SEEDS
 from hostile_programs import SENTINEL, TOLERATED, hostile_programs
 
 CORPUS = hostile_programs()
@@ -53,31 +50,70 @@ def test_harmless_oddities_parse(program, expected, nothing_may_run):
     assert to_string(parse(program).tree) == expected
 
 
-def parse_or_reject(text: str) -> None:
-    try:
-        parse(text)
-    except CandidateError:
-        pass
+# -- holes a review with hostile LLM text found: each case failed before its fix --------------
+
+HUGE = "9" * 400
 
 
-@settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
-@given(st.text(max_size=600))
-def test_random_text_never_crashes_the_parser(text):
-    parse_or_reject(text)
-    parse_or_reject("def score(W, A):\n    return " + text)
+@pytest.mark.parametrize("program,reason", [
+    (f"def score(W):\n    return W * {HUGE}\n", "too large"),                 # was OverflowError
+    (f"def score(W):\n    return W ** {HUGE}\n", "too large"),
+    (f"def score(W):\n    return W * W.sum(dim={HUGE})\n", "too large"),
+    ("def score(W):\n    return W * torch.clamp(2.0, None, None)\n", "no bound"),  # was RuntimeError when folded
+    ("def score(W):\n    return torch.clamp(W, None, None)\n", "no bound"),      # was accepted, failed later
+    ("def score(W):\n    return W.clip(min=None)\n", "no bound"),
+    ("def score(W):\n    return W.clamp(0, min=1)\n", "clamp(x, min=a, max=b)"),  # a bound given twice
+    ("def score(W):\n    return W * 0.0 ** -4\n", "not a finite number"),       # folds to inf
+    ("def score(W):\n    return W + (0.0 ** -4 - 0.0 ** -4)\n", "not a finite number"),
+    ("def score(W):\n    return W.norm(1, dim=0) * W\n", "L2 norm"),            # norm's first argument is p
+    ("def score(W):\n    x: open('/tmp/x') = W\n    return x\n", "annotations"),
+    ("def score(W) -> W.__class__:\n    return W\n", "annotations"),
+    ("def score(W: 'os.system(1)'):\n    return W\n", "annotations"),
+    ("@torch.jit.script\ndef score(W):\n    return W.abs()\n", "decorators"),
+    ("def helper(W):\n    return W.abs()\n\ndef score(W, A):\n    return helper(W) * A\n", "Helper functions"),
+])
+def test_review_cases_are_rejected_with_a_reason(program, reason, nothing_may_run):
+    with pytest.raises(CandidateError) as info:
+        parse(program)
+    assert reason in str(info.value) and info.value.__cause__ is None
 
 
-_ALPHABET = "WAGdMVH()[]{}.,:;=+-*/%@<>!~^&|'\"#\\\n\t 0123456789eE_abcdefghijklmnopqrstuvwxyz"
+def test_an_unexpected_exception_while_parsing_becomes_a_candidate_error(monkeypatch):
+    from autoprune_ray.operators import language
+
+    def broken(_tree):
+        raise ZeroDivisionError("a bug, not the text's fault")
+    monkeypatch.setattr(language, "canonicalize", broken)
+    with pytest.raises(CandidateError, match="cannot be parsed: ZeroDivisionError"):
+        parse("def score(W):\n    return W\n")
 
 
-@settings(max_examples=400, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.sampled_from(sorted(SCORE_SEEDS)), edits=st.lists(
-    st.tuples(st.integers(0, 10**4), st.sampled_from(["insert", "delete", "replace"]), st.sampled_from(_ALPHABET)),
-    min_size=1, max_size=8))
-def test_mutated_seed_programs_never_crash_the_parser(seed, edits):
-    text = SCORE_SEEDS[seed][0]
-    for position, kind, char in edits:
-        i = position % (len(text) + 1)
-        text = {"insert": text[:i] + char + text[i:], "delete": text[:i] + text[i + 1:],
-                "replace": text[:i] + char + text[i + 1:]}[kind]
-    parse_or_reject(text)
+def test_lines_end_where_pythons_tokenizer_ends_them():
+    # \x1c is a line break for str.splitlines but not for Python: here it sits inside a comment
+    assert to_string(parse("def score(W, G):\n    x = W  # note\x1c    x = G\n    return x\n").tree) == "W"
+    assert to_string(parse("```python\r\ndef score(W):\r\n    return W.abs()\r\n```\r\n").tree) == "abs(W)"
+
+
+# -- program files: the strict form ------------------------------------------------------------
+
+@pytest.mark.parametrize("file_text,reason", [
+    ("import os\nos.system('touch {s}')\n\ndef score(W):\n    return W\n", "top-level statement `import os`"),
+    ("def score(W):\n    return W\n\nprint(score)\n", "top-level statement `print(score)` (line 4)"),
+    ("x = 1\ndef score(W):\n    return W\n", "top-level statement `x = 1`"),
+    ("def score(W):\n    return W\n\ndef other(A):\n    return A\n", "second definition"),
+    ("Here it is:\n```python\ndef score(W):\n    return W\n```\n", "syntax error"),   # a file is code
+])
+def test_program_files_have_nothing_outside_the_function(file_text, reason, nothing_may_run):
+    file_text = file_text.replace("{s}", SENTINEL)
+    with pytest.raises(CandidateError) as info:
+        parse(file_text, strict=True)
+    assert reason in str(info.value)
+    if "top-level" in reason:
+        parse(file_text)        # the same text as an LLM completion: the statements around are ignored
+
+
+def test_program_files_may_have_a_docstring_comments_and_imports():
+    text = ('"""Wanda, with annotations."""\nimport torch\nfrom typing import Optional\n\n\n'
+            "def score(W: torch.Tensor, A: Optional[torch.Tensor]) -> torch.Tensor:\n"
+            "    # |W| times the input norm\n    return W.abs() * A\n")
+    assert to_string(parse(text, strict=True).tree) == "mul(A,abs(W))"

@@ -51,7 +51,7 @@ def test_compress_hawq_tree_is_the_hawq_seed():
 def test_symbolic_operators_give_valid_sensitivity_programs():
     import random
     rng, seeds = random.Random(0), list(sensitivity_seeds().values())
-    children = [symbolic._finish(symbolic.random_tree(rng, "mpq", 3), "mpq", ()) for _ in range(60)]
+    children = [symbolic.random_candidate(rng, "mpq", 3, tries=1) for _ in range(60)]
     children += [symbolic.MUTATIONS[name](seeds[k % 3], rng) for k, name in enumerate(sorted(symbolic.MUTATIONS) * 5)]
     children += [symbolic.crossover(seeds[0], seeds[1], rng) for _ in range(10)]
     valid = [c for c in children if c is not None]
@@ -167,9 +167,10 @@ def test_sensitivity_evaluator_scores_a_program_and_restores_the_model(tiny):
     before = [layer.linear.weight.data.clone() for layer in quant_layers(lm.model)]
     ev = SensitivityEvaluator(lm, data, QuantConfig(method="uniform", avg_bits=4.5, group_size=GROUP),
                               MeasureConfig(layers=5, bits=2, tokens=128))
-    fit = ev.perplexity_of_last(ev.proxy(sensitivity_seeds()["hawq"].tree))
-    assert fit.avg_bits <= 4.5 and math.isfinite(fit.perplexity) and 0 < fit.proxy < 1
-    assert -1 <= fit.spearman <= 1 and -1 <= fit.kendall <= 1
+    screened = ev.screen(QuantConfig(method="program", program=sensitivity_seeds()["hawq"].tree))
+    ppl = ev.perplexity(screened.value)
+    assert screened.columns["avg_bits"] <= 4.5 and math.isfinite(ppl) and 0 < screened.proxy < 1
+    assert -1 <= screened.columns["spearman"] <= 1 and -1 <= screened.columns["kendall"] <= 1
     assert all(torch.equal(a, layer.linear.weight.data) for a, layer in zip(before, quant_layers(lm.model)))
 
 

@@ -4,7 +4,9 @@ from pathlib import Path
 import pytest
 
 from autoprune_ray.operators import prompts as P
-from autoprune_ray.operators.language import PRUNE, parse
+from autoprune_ray.operators.language import parse
+from autoprune_ray.operators.specs import PRUNE
+from autoprune_ray.tasks import get_task
 from autoprune_ray.operators.seeds import SCORE_SEEDS
 
 SEEDS = [parse(src).code for src, _ in SCORE_SEEDS.values()]
@@ -26,20 +28,23 @@ def lineage() -> P.LineageGraph:
     return P.LineageGraph(nodes=nodes, edges=edges, rejections=P.feedback_lines(REJECTIONS))
 
 
+TASK = get_task("prune").prompts
+
+
 def all_prompts() -> dict[str, str]:
     feedback = P.feedback_lines(REJECTIONS)
     return {
-        "init-scratch": P.init_prompt([], feedback),
-        "init-seeds": P.init_prompt([(code, f) for code, f in zip(SEEDS, (-3.1, -2.4, -2.2, None))], feedback),
-        "mutate": P.mutate_prompt(SEEDS[1], -2.4, feedback),
-        "crossover": P.crossover_prompt(SEEDS[1], -2.4, SEEDS[2], -2.2, feedback),
-        "gcot": P.gcot_prompt(lineage()),
+        "init-scratch": P.init_prompt([], feedback, TASK),
+        "init-seeds": P.init_prompt([(code, f) for code, f in zip(SEEDS, (-3.1, -2.4, -2.2, None))], feedback, TASK),
+        "mutate": P.mutate_prompt(SEEDS[1], -2.4, feedback, TASK),
+        "crossover": P.crossover_prompt(SEEDS[1], -2.4, SEEDS[2], -2.2, feedback, TASK),
+        "gcot": P.gcot_prompt(lineage(), TASK),
     }
 
 
 def test_every_prompt_describes_the_language_and_the_required_output():
     for name, prompt in all_prompts().items():
-        assert prompt.startswith(P.PREAMBLE), name
+        assert prompt.startswith(TASK.preamble), name
         assert prompt.rstrip().endswith(P.OUTPUT_RULE), name
         for inp, meaning in PRUNE.describe.items():
             assert f"{inp}: {meaning}" in prompt
@@ -86,13 +91,13 @@ def test_feedback_is_deduped_newest_first_and_capped():
     assert all(len(line) < 250 for line in capped)
     assert P.feedback_lines([]) == []
     # builders dedupe and bound whatever feedback they are given
-    prompt = P.mutate_prompt(SEEDS[1], -2.4, ["same"] * 5 + [f"line {i} " + "y" * 200 for i in range(40)])
+    prompt = P.mutate_prompt(SEEDS[1], -2.4, ["same"] * 5 + [f"line {i} " + "y" * 200 for i in range(40)], TASK)
     assert prompt.count("- same") == 1 and "line 0 " in prompt and "line 39 " not in prompt
     assert len(prompt) <= P.MAX_PROMPT_CHARS
 
 
 def test_gcot_lists_edges_with_diffs_and_fitness_deltas():
-    prompt = P.gcot_prompt(lineage())
+    prompt = P.gcot_prompt(lineage(), TASK)
     assert "fitness: higher is better" in prompt
     assert "#1 -> #4 by llm_mutate: fitness -3.0000 -> -2.5000 (+0.5000, better)" in prompt
     assert "#4 -> #6 by gcot: fitness -2.5000 -> -2.2500 (+0.2500, better)" in prompt
@@ -107,16 +112,16 @@ def test_gcot_lists_edges_with_diffs_and_fitness_deltas():
     assert "reason briefly along the edges" in prompt
     worse = P.LineageGraph([P.LineageNode(1, SEEDS[1], -2.0), P.LineageNode(2, SEEDS[0], -2.5)],
                            [P.LineageEdge(1, 2, "llm_mutate")], [])
-    assert "(-0.5000, worse)" in P.gcot_prompt(worse)
+    assert "(-0.5000, worse)" in P.gcot_prompt(worse, TASK)
     assert P.code_diff(SEEDS[1], SEEDS[1]) == "(no code change)"
-    assert "No metric has been evaluated yet." in P.gcot_prompt(P.LineageGraph([], [], []))
+    assert "No metric has been evaluated yet." in P.gcot_prompt(P.LineageGraph([], [], []), TASK)
 
 
 def test_gcot_drops_the_oldest_edges_to_stay_in_budget():
     big = " + ".join(f"W.abs() ** {k % 3 + 1} * A.sqrt()" for k in range(5))
     nodes = [P.LineageNode(i, f"def score(W, A):\n    return {big} + {i}.0\n", -3.0 + i / 100) for i in range(40)]
     edges = [P.LineageEdge(i, i + 1, "llm_mutate") for i in range(39)]
-    prompt = P.gcot_prompt(P.LineageGraph(nodes, edges, P.feedback_lines(REJECTIONS)))
+    prompt = P.gcot_prompt(P.LineageGraph(nodes, edges, P.feedback_lines(REJECTIONS)), TASK)
     assert len(prompt) <= P.MAX_PROMPT_CHARS
     assert "#38 -> #39 by" in prompt and "#0 -> #1 by" not in prompt
     assert "Best metric so far, #39" in prompt
@@ -139,8 +144,8 @@ def test_prompts_fit_smollm2_token_budget():
                            [f"`return W.q{i}()`: " + "z " * 80 for i in range(5)])
     feedback = P.feedback_lines([(f"def score(W): return W * {i} + W.q()", f"reason {i} " + "w " * 70)
                                  for i in range(30)])
-    prompts = [P.gcot_prompt(graph), P.mutate_prompt(nodes[0].code, -2.0, feedback),
-               P.crossover_prompt(nodes[0].code, -2.0, nodes[1].code, -2.1, feedback),
-               P.init_prompt([(n.code, n.fitness) for n in nodes[:3]], feedback)]
+    prompts = [P.gcot_prompt(graph, TASK), P.mutate_prompt(nodes[0].code, -2.0, feedback, TASK),
+               P.crossover_prompt(nodes[0].code, -2.0, nodes[1].code, -2.1, feedback, TASK),
+               P.init_prompt([(n.code, n.fitness) for n in nodes[:3]], feedback, TASK)]
     for prompt in prompts:
         assert len(tok(prompt)["input_ids"]) < 1500

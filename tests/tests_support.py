@@ -1,7 +1,9 @@
 """Helpers shared by several test files (and benchmarks/cluster.py, which starts the same cluster)."""
 import contextlib
+import functools
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -11,18 +13,48 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
 
 from autoprune_ray.compress.models import block_linears, decoder_layers
+from autoprune_ray.engine.config import EvaluatorConfig, PolicyConfig, RunConfig, SearchConfig, TargetConfig
+from autoprune_ray.engine.storage import RunStore
+
+# Paragraphs of Austen-like words: a corpus file a tiny tokenizer and model can be trained on.
+WORDS = ("the a of and to in was her she he his not it that with for had as but you be at on "
+         "my have which by mr all they so were this been from would very no could there said "
+         "emma anne elinor much must will more one do any such what an if me or when time").split()
+
+
+def pseudo_text(n_paragraphs: int, seed: int) -> str:
+    rng = random.Random(seed)
+    paragraphs = []
+    for _ in range(n_paragraphs):
+        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14))).capitalize() + "."
+                     for _ in range(rng.randint(2, 5))]
+        paragraphs.append(" ".join(sentences))
+    return "\n\n".join(paragraphs)
+
+
+# A scripted policy's completions for the prune task (tests of the engine, faults and the cluster).
+COMPLETIONS = [
+    "Here is a new metric:\n```python\ndef score(W, A):\n    return W.abs() * A.sqrt()\n```",
+    "```python\ndef score(W, A):\n    return W.abs() * A.sqrt()\n```",                    # duplicate
+    "I think we should prune small weights.",                                               # no code
+    "```python\ndef score(W, A):\n    import os\n    return W\n```",                         # rejected
+    "```python\ndef score(W, A, M):\n    return W.abs() * A + 0.1 * M.abs()\n```",
+    "```python\ndef score(W, V):\n    return W.abs() * (V + 1).log1p()\n```",
+    "```python\ndef score(W, A):\n    return (W.abs() * A) ** 0.5 + W.abs().mean(dim=1)\n```",
+    "```python\ndef score(W, A, H):\n    return W.abs() * H.sqrt() / (A + 1)\n```",
+]
 
 
 def assert_resumed_cleanly(store, before, total: int) -> None:
     """A run stopped with `before` evaluations recorded and then resumed: every proposed candidate
     has exactly one outcome, the earlier records are kept as they were and none is repeated, and
     the final population is what the records imply (its best is the best measured evaluation)."""
-    import pandas as pd
     from test_engine import assert_one_outcome_each   # imported here: it needs Ray and pytest
 
     cands, evals = store.read("candidates"), store.read("evaluations")
@@ -53,6 +85,28 @@ def explicit_linear_inputs(lm, windows):
 
 
 # -- a real local Ray cluster: a `ray start --head` process and a worker node process ----------
+
+# A fixed CPU task takes about this long on an idle 2-core machine of CI's kind.
+_REFERENCE_SECONDS = 0.25
+
+
+@functools.lru_cache(maxsize=1)
+def machine_slowdown() -> float:
+    """How much slower than idle this machine runs now (1 to 10): the larger of the load per core
+    and a fixed CPU task's time against its idle time. Measured once per session."""
+    start = time.perf_counter()
+    total = 0
+    for i in range(1_500_000):
+        total += i * i
+    measured = (time.perf_counter() - start) / _REFERENCE_SECONDS
+    load = os.getloadavg()[0] / (os.cpu_count() or 1)
+    return min(10.0, max(1.0, measured, load))
+
+
+def scaled(seconds: float) -> float:
+    """A deadline for waiting on an event, stretched on a busy machine (the event still ends the wait)."""
+    return seconds * machine_slowdown()
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -132,7 +186,7 @@ def _pids_naming(text: str) -> list[int]:
 
 def _wait_for_dashboard(address: str, proc, timeout: float = 120) -> None:
     """Until the Jobs API answers an authenticated request (the token `ray start` wrote)."""
-    deadline = time.time() + timeout
+    deadline = time.time() + scaled(timeout)
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError("ray start --head exited")
@@ -150,7 +204,7 @@ def _wait_for_dashboard(address: str, proc, timeout: float = 120) -> None:
 
 def _wait_for_nodes(port: int, count: int, timeout: float = 120) -> None:
     """Until `ray status` lists `count` active nodes."""
-    deadline = time.time() + timeout
+    deadline = time.time() + scaled(timeout)
     while time.time() < deadline:
         out = subprocess.run([ray_cli(), "status", f"--address=127.0.0.1:{port}"], env=client_env(),
                              capture_output=True, text=True, timeout=60).stdout
@@ -164,14 +218,14 @@ def _wait_for_nodes(port: int, count: int, timeout: float = 120) -> None:
 def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """`autoprune-ray ARGS` as its own process, as a user runs it: the client sends the token."""
     return subprocess.run([sys.executable, "-m", "autoprune_ray.engine.cli", *args], env=client_env(),
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=scaled(timeout))
 
 
 def ray_state(kind: str, gcs: str) -> list[dict]:
     """Ray's state API through its own CLI (`ray list actors|nodes`)."""
     out = subprocess.run([ray_cli(), "list", kind, f"--address={gcs}", "--limit=1000", "--format=json"],
-                         env=client_env(), capture_output=True, text=True, timeout=120, check=True).stdout
-    return json.loads(out)
+                         env=client_env(), capture_output=True, text=True, timeout=scaled(120), check=True).stdout
+    return [] if out.startswith("No resource") else json.loads(out)   # what it prints before any exists
 
 
 def write_cluster_file(path: Path, jobs: str, search: dict, evaluators: int, cpus_per_evaluator: float = 1,
@@ -188,3 +242,50 @@ def write_cluster_file(path: Path, jobs: str, search: dict, evaluators: int, cpu
 def job_id(launch_output: str) -> str:
     """From `job ID: run ...`, the first line `launch` prints."""
     return launch_output.split()[1].rstrip(":")
+
+
+# ---------------------------------------------------------------- searches on the tiny model
+
+def make_config(tmp_path, tiny_model_dir, corpus_file, name="t", **search) -> RunConfig:
+    defaults = dict(islands=2, population_size=6, elites=1, migration_interval=3, max_evaluations=8,
+                    max_seconds=300, eval_time_limit=60, queue_size=4, cascade=100.0, checkpoint_every=1,
+                    operators={"llm_mutate": 0.5, "llm_init": 0.2, "symbolic_mutate": 0.3})
+    defaults.update(search)
+    return RunConfig(
+        name=name, run_dir=str(tmp_path / "{name}"),
+        target=TargetConfig(model=str(tiny_model_dir), calib_data=str(corpus_file), nsamples=4, seqlen=32,
+                            eval_tokens=128, device="cpu"),
+        policy=PolicyConfig(backend="scripted", scripted=COMPLETIONS, prompts_per_batch=2, completions_per_prompt=2),
+        search=SearchConfig(**defaults),
+        evaluators=EvaluatorConfig(num=2, num_cpus=1)).validate()
+
+
+def tables(cfg):
+    store = RunStore(cfg.resolved_run_dir)
+    return store.read("candidates"), store.read("evaluations")
+
+
+def assert_one_outcome_each(cands: pd.DataFrame, evals: pd.DataFrame, summary: dict | None = None):
+    assert cands.candidate_id.is_unique
+    accepted = set(cands[cands.status == "accepted"].candidate_id)
+    assert evals.candidate_id.is_unique, "a candidate was recorded twice"
+    assert set(evals.candidate_id) <= accepted, "only accepted candidates are evaluated"
+    if summary is not None:   # the rest are pending, and the run says how many
+        assert len(accepted - set(evals.candidate_id)) == summary["pending"]
+    assert not evals[evals.status.isin(["ok", "screened"])].hash.duplicated().any(), "a program was evaluated twice"
+    dups = cands[cands.status == "duplicate"]
+    first = cands.set_index("candidate_id")
+    for row in dups.itertuples():
+        assert first.loc[int(row.duplicate_of)].hash == row.hash
+    assert (cands[cands.status == "rejected"].reason.str.len() > 0).all()
+
+
+def run_task_search(cfg: RunConfig, task: str, completions: list[str]):
+    """A search of `task` with a scripted policy; its tables after every outcome was checked."""
+    from autoprune_ray.engine.runner import run_search
+    cfg.task = task
+    cfg.policy.scripted = completions
+    summary = run_search(cfg.validate(), progress=False)
+    cands, evals = tables(cfg)
+    assert_one_outcome_each(cands, evals, summary)
+    return cands, evals

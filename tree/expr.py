@@ -9,6 +9,7 @@ finite output where possible; non-finite results are *reported* by the caller, n
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
@@ -134,20 +135,46 @@ def shape_of(node: Node, input_shapes: dict[str, Shape]) -> Shape:
 
 
 def evaluate(node: Node, env: dict[str, torch.Tensor], memo: dict | None = None) -> torch.Tensor:
-    """Torch reference: inputs in `env` are 2-D broadcastable float tensors (or 0-d scalars)."""
-    memo = {} if memo is None else memo
-    if node in memo:
-        return memo[node]
+    """Torch reference: inputs in `env` are 2-D broadcastable float tensors (or 0-d scalars).
+
+    A common subtree is computed once. Without `memo`, an intermediate is freed as soon as the
+    last operation that reads it has run, so peak memory follows the live values, not the size
+    of the program. A caller passing a `memo` dict shares values across calls instead: every value
+    computed is kept in it, and values already in it are reused."""
+    values = {} if memo is None else memo
+    order = _post_order(node, values)
+    readers_left = Counter(arg for n in order for arg in n.args)
+    for n in order:
+        values[n] = _apply(n, [values[a] for a in n.args], env)
+        if memo is None:
+            for arg in n.args:
+                readers_left[arg] -= 1
+                if readers_left[arg] == 0:
+                    del values[arg]
+    return values[node]
+
+
+def _apply(node: Node, args: list[torch.Tensor], env: dict[str, torch.Tensor]) -> torch.Tensor:
     if node.op == "input":
-        out = env[node.value].float()
-    elif node.op == "const":
-        out = torch.tensor(node.value, dtype=torch.float32)
-    else:
-        spec = OPS[node.op]
-        args = [evaluate(a, env, memo) for a in node.args]
-        out = spec.torch_fn(*args, node.value) if spec.param else spec.torch_fn(*args)
-    memo[node] = out
-    return out
+        return env[node.value].float()
+    if node.op == "const":
+        return torch.tensor(node.value, dtype=torch.float32)
+    spec = OPS[node.op]
+    return spec.torch_fn(*args, node.value) if spec.param else spec.torch_fn(*args)
+
+
+def _post_order(root: Node, known: dict) -> list[Node]:
+    """The distinct nodes under `root` that are not in `known`, each after its arguments."""
+    order, seen, stack = [], set(known), [(root, False)]
+    while stack:
+        node, args_done = stack.pop()
+        if args_done:
+            order.append(node)
+        elif node not in seen:
+            seen.add(node)
+            stack.append((node, True))
+            stack.extend((arg, False) for arg in reversed(node.args))
+    return order
 
 
 def to_string(node: Node) -> str:
@@ -165,6 +192,11 @@ def walk(node: Node):
     yield node
     for a in node.args:
         yield from walk(a)
+
+
+def inputs_of(node: Node) -> set[str]:
+    """The names of the inputs a tree reads."""
+    return {n.value for n in walk(node) if n.op == "input"}
 
 
 def size(node: Node) -> int:

@@ -1,0 +1,51 @@
+"""Task `prune`: a pruning metric, one score per weight, compared within each output row (or the
+whole layer); every block pruned to the run's sparsity."""
+from __future__ import annotations
+
+import pyarrow as pa
+
+from autoprune_ray.compress.baselines import BaselineRun
+from autoprune_ray.compress.fitness import PruneEvaluator
+from autoprune_ray.compress.prune import PruneConfig
+from autoprune_ray.operators.prompts import TaskPrompts, preamble_text, system_prompt
+from autoprune_ray.operators.seeds import score_seeds
+from autoprune_ray.operators.specs import PRUNE
+from autoprune_ray.tasks.base import TaskPlugin
+
+PROMPTS = TaskPrompts(
+    preamble=preamble_text(
+        "You design pruning metrics for a language model. A metric is one Python function that gives every "
+        "weight of a linear layer a score. Higher score = keep the weight. Scores are compared within each "
+        "output row (each row of W): the lowest-scoring weights of a row are pruned.",
+        PRUNE, "The result must vary per weight, so use W or G.",
+        ("metric", "def score(W, A):\n    x = W.abs()\n    return x / x.mean(dim=1, keepdim=True) + 0.1 * A")),
+    noun="metric",
+    from_scratch=("Invent a new metric from scratch: decide which weights matter most for the layer's output "
+                  "and write a score for it."),
+    system=system_prompt("pruning metrics for neural networks"),
+)
+
+
+class PruningTask(TaskPlugin):
+    """What every task that prunes shares: its record, baselines and evaluator."""
+    columns = {"sparsity": pa.float64()}
+
+    def baseline_config(self, name: str, cfg) -> PruneConfig:
+        return BaselineRun(name, cfg.target.sparsity, cfg.target.pattern).config()
+
+    def make_evaluator(self, lm, data, cfg) -> PruneEvaluator:
+        return PruneEvaluator(lm, data, with_grad=cfg.target.gradients)
+
+
+class PruneTask(PruningTask):
+    name = "prune"
+    spec = PRUNE
+    prompts = PROMPTS
+    baselines = ("wanda", "magnitude")
+
+    def seeds(self):
+        return score_seeds()
+
+    def compression_config(self, cand, cfg) -> PruneConfig:
+        return PruneConfig(method="program", program=cand.tree, granularity=cand.granularity,
+                           sparsity=cfg.target.sparsity, pattern=cfg.target.pattern)

@@ -1,0 +1,76 @@
+"""Task plug-ins: the registry, what each plug-in provides, and config validation through it."""
+import pytest
+
+from autoprune_ray.engine.config import ConfigError, RunConfig, from_dict
+from autoprune_ray.operators.language import parse
+from autoprune_ray.tasks import TASKS, get_task
+from autoprune_ray.tasks.base import TaskPlugin
+from autoprune_ray.tree.expr import inputs_of
+
+
+def test_every_plugin_is_complete_and_its_seeds_are_valid_programs_of_its_language():
+    assert set(TASKS) == {"prune", "allocate", "mpq"}
+    for name, plugin in TASKS.items():
+        assert plugin.name == name and plugin.spec.name == name and plugin.unimplemented() == []
+        assert plugin.prompts.preamble and plugin.prompts.noun and plugin.prompts.system
+        for seed in plugin.seeds().values():
+            assert seed.task == name
+            assert parse(seed.code, name, seed.granularity).hash == seed.hash   # prints and re-parses alike
+            assert inputs_of(seed.tree) <= set(plugin.spec.inputs)
+
+
+def test_each_plugin_turns_a_candidate_and_its_baselines_into_compress_configs():
+    cfg = RunConfig().validate()
+    for plugin in TASKS.values():
+        for seed in plugin.seeds().values():
+            plugin.compression_config(seed, cfg).validate()
+        for name in plugin.baselines:
+            plugin.baseline_config(name, cfg).validate()
+
+
+def test_each_task_tells_the_policy_what_it_writes():
+    assert "pruning metrics" in get_task("prune").prompts.system
+    assert "quantization" in get_task("mpq").prompts.system
+    assert "allocation" in get_task("allocate").prompts.system
+    assert get_task("mpq").prompts.preamble != get_task("prune").prompts.preamble
+
+
+def test_an_unknown_task_fails_validation_in_one_line():
+    with pytest.raises(ConfigError, match=r"^task: unknown task 'distill': choose prune, allocate, mpq$"):
+        from_dict(RunConfig, {"task": "distill"}).validate()
+    with pytest.raises(ValueError, match="unknown task 'distill'"):
+        get_task("distill")
+
+
+def test_a_task_without_an_evaluator_fails_validation(monkeypatch):
+    class NoEvaluator(TaskPlugin):
+        name = "half"
+        spec = get_task("prune").spec
+        prompts = get_task("prune").prompts
+
+    monkeypatch.setitem(TASKS, "half", NoEvaluator())
+    with pytest.raises(ConfigError, match="task 'half' cannot be searched: its plug-in lacks compression_config, "
+                                          "baseline_config, make_evaluator"):
+        from_dict(RunConfig, {"task": "half"}).validate()
+
+
+def test_allocate_settings_are_checked_by_its_plugin():
+    with pytest.raises(ConfigError, match="allocation.metric: 'sparsegpt' is not a mask-only metric"):
+        from_dict(RunConfig, {"task": "allocate", "allocation": {"metric": "sparsegpt"}}).validate()
+    with pytest.raises(ConfigError, match="allocation.lam: sparsity 0.9 ± 0.16 must stay within"):
+        from_dict(RunConfig, {"task": "allocate", "target": {"sparsity": 0.9}}).validate()
+    with pytest.raises(ConfigError, match="target.pattern"):
+        from_dict(RunConfig, {"task": "allocate", "target": {"pattern": "2:4"}}).validate()
+
+
+def test_no_module_outside_the_registry_compares_a_task_name():
+    """The engine, report, config and prompts look tasks up; they never branch on a name."""
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    pattern = re.compile(r"""(==|!=)\s*["'](prune|allocate|mpq)["']|["'](prune|allocate|mpq)["']\s*(==|!=)|"""
+                         r"""task\w*\s+(not\s+)?in\s+\(["']""")
+    hits = [f"{path.relative_to(root)}:{n}" for room in ("engine", "tasks", "operators", "llm", "compress")
+            for path in sorted((root / room).glob("*.py"))
+            for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert hits == []
