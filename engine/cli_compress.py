@@ -76,7 +76,8 @@ def load_program(path: str, granularity: str, task: str):
     if not Path(path).exists():
         raise FileNotFoundError(f"program file {path} does not exist")
     try:
-        return parse(Path(path).read_text(encoding="utf-8", errors="replace"), task, granularity)
+        # strict: a file holds the one function and nothing else (top-level statements are rejected)
+        return parse(Path(path).read_text(encoding="utf-8", errors="replace"), task, granularity, strict=True)
     except CandidateError as exc:
         raise click.ClickException(f"program rejected: {exc}") from None
 
@@ -277,7 +278,7 @@ def check(program_file, task):
     if not Path(program_file).exists():
         raise click.ClickException(f"program file {program_file} does not exist")
     try:
-        cand = parse(Path(program_file).read_text(encoding="utf-8", errors="replace"), task)
+        cand = parse(Path(program_file).read_text(encoding="utf-8", errors="replace"), task, strict=True)
     except CandidateError as exc:
         raise click.ClickException(f"rejected: {exc}") from None
     click.echo(f"# hash {cand.hash}; inputs {', '.join(cand.inputs)}")

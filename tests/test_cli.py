@@ -98,3 +98,17 @@ def test_check_prints_canonical_form_or_reason(tmp_path):
     assert out.exit_code != 0 and "import os" in out.output
     out = CliRunner().invoke(main, ["prune", "--program", str(bad)])
     assert out.exit_code != 0 and "program rejected" in out.output
+
+
+def test_program_files_with_top_level_statements_or_parser_crashers_are_rejected_in_one_line(tmp_path):
+    """A file is the one function and nothing else: `check` and `prune --program` reject top-level
+    statements (nothing runs either way); text that once crashed the parser gets one clear line."""
+    outside = tmp_path / "outside.py"
+    outside.write_text("import os\nos.system('touch /tmp/pwned')\n\ndef score(W, A):\n    return W.abs() * A\n")
+    huge = tmp_path / "huge.py"
+    huge.write_text("def score(W):\n    return W.abs() ** " + "9" * 400 + "\n")
+    for path in (outside, huge):
+        for args in (["check", str(path)], ["prune", "--program", str(path)]):
+            out = CliRunner().invoke(main, args)
+            assert out.exit_code != 0 and "Traceback" not in out.output, (args, out.output)
+            assert out.output.count("\n") == 1 and "rejected" in out.output, out.output
