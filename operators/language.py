@@ -15,7 +15,8 @@ Where the text comes from decides what surrounds the function:
   * `parse(completion)`: an LLM completion. The function is taken from the first code fence that
     defines one (or from the whole text); prose and other statements around it are ignored.
   * `parse(file_text, strict=True)`: a program file (`autoprune-ray check FILE`, `--program`).
-    The whole text is the program: one function, and outside it nothing but a docstring,
+    The whole text is the program (or, for a saved completion, its first code fence that defines a
+    function: prose around the fence is fine): one function, and outside it nothing but a docstring,
     comments and imports of torch, numpy, math or typing. Any other top-level statement
     (`import os`, `os.system(...)`) is rejected.
 In both, the program is exactly one function: a second definition is rejected, helper functions
@@ -176,8 +177,15 @@ def parse(text: str, task: str = "prune", granularity: str = "row", *, strict: b
         raise CandidateError(f"the program cannot be parsed: {type(exc).__name__}") from exc
 
 
+def _file_program(text: str) -> str:
+    """A program file's code: a saved completion's first code fence that defines a function (its
+    prose around it is fine), else the whole text. Either way, all of that code is the program."""
+    text = "\n".join(_lines(text))
+    return next((block for block in _FENCE.findall(text) if _definitions(block.split("\n"))), text)
+
+
 def _parse(text: str, spec: LanguageSpec, granularity: str, strict: bool) -> Candidate:
-    source = "\n".join(_lines(text)) if strict else extract_function(text, spec.name)
+    source = _file_program(text) if strict else extract_function(text, spec.name)
     if len(source) > MAX_SOURCE_CHARS:
         raise CandidateError(f"program too long: {len(source)} characters, at most {MAX_SOURCE_CHARS}")
     function = _the_function(_syntax_tree(source), spec.name)

@@ -70,8 +70,9 @@ def test_a_killed_policy_actor_restarts_and_the_run_goes_on(ray_session, tmp_pat
     caplog.set_level("INFO", logger="autoprune_ray")
     cfg = make_config(tmp_path, tiny_model_dir, corpus_file, name="p", max_evaluations=8,
                       operators={"llm_mutate": 0.5, "llm_init": 0.2, "symbolic_mutate": 0.3})
-    # Evaluations wait while the pause file exists: the run cannot end before the restarted policy
-    # has written a batch, however slow the machine (events, not a race against a fixed sleep).
+    # Evaluations wait while the pause file exists: the run cannot end before the policy has
+    # restarted, however slow the machine (an event, not a race against a fixed sleep). The queue
+    # stays full meanwhile, so the restarted policy is asked for a batch once evaluations resume.
     pause = tmp_path / "pause"
     cfg.evaluators.fault_injection = {"pause_while_file": str(pause)}
     cfg.search.eval_time_limit = 600
@@ -90,11 +91,10 @@ def test_a_killed_policy_actor_restarts_and_the_run_goes_on(ray_session, tmp_pat
                 try:
                     while time.time() < deadline:   # the kill is asynchronous; calls fail while it restarts
                         try:
-                            ping = ray.get(policy.ping.remote(), timeout=30)
-                            if ping["pid"] != killed["pid"]:
-                                killed["new_pid"] = ping["pid"]
-                            if "new_pid" in killed and ping["tokens"] > 0:
-                                return   # the restarted policy has written a batch: let the run go on
+                            pid = ray.get(policy.ping.remote(), timeout=30)["pid"]
+                            if pid != killed["pid"]:
+                                killed["new_pid"] = pid
+                                return   # restarted: evaluations go on, the queue drains, the policy is asked
                         except ray.exceptions.RayError:
                             pass
                         time.sleep(0.5)

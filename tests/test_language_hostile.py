@@ -101,7 +101,8 @@ def test_lines_end_where_pythons_tokenizer_ends_them():
     ("def score(W):\n    return W\n\nprint(score)\n", "top-level statement `print(score)` (line 4)"),
     ("x = 1\ndef score(W):\n    return W\n", "top-level statement `x = 1`"),
     ("def score(W):\n    return W\n\ndef other(A):\n    return A\n", "second definition"),
-    ("Here it is:\n```python\ndef score(W):\n    return W\n```\n", "syntax error"),   # a file is code
+    # a saved completion: the prose may stay, but its fence is the file's code and is held to the same rules
+    ("Here it is:\n```python\nimport os\ndef score(W):\n    return W\n```\n", "top-level statement `import os`"),
 ])
 def test_program_files_have_nothing_outside_the_function(file_text, reason, nothing_may_run):
     file_text = file_text.replace("{s}", SENTINEL)
@@ -110,6 +111,11 @@ def test_program_files_have_nothing_outside_the_function(file_text, reason, noth
     assert reason in str(info.value)
     if "top-level" in reason:
         parse(file_text)        # the same text as an LLM completion: the statements around are ignored
+
+
+def test_a_saved_completion_is_a_program_file_when_its_fence_holds_only_the_function():
+    text = "Here it is:\n```python\ndef score(W, A):\n    return W.abs() * A\n```\nHope it helps."
+    assert to_string(parse(text, strict=True).tree) == "mul(A,abs(W))"
 
 
 def test_program_files_may_have_a_docstring_comments_and_imports():
