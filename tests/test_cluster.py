@@ -40,7 +40,7 @@ def small_search(name: str, run_dir, tiny_model_dir, corpus_file, evaluations: i
               "policy": {"backend": "scripted", "scripted": COMPLETIONS, "prompts_per_batch": 2,
                          "completions_per_prompt": 2},
               "search": {"islands": 2, "population_size": 6, "elites": 1, "max_evaluations": evaluations,
-                         "max_seconds": 300, "eval_time_limit": 120, "cascade": 100.0, "checkpoint_every": 1,
+                         "max_seconds": scaled(300), "eval_time_limit": scaled(120), "cascade": 100.0, "checkpoint_every": 1,
                          "operators": {"llm_mutate": 0.5, "llm_init": 0.2, "symbolic_mutate": 0.3}}}
 
 

@@ -282,7 +282,9 @@ def test_mpq_search_records_bits_rank_correlation_and_reports(ray_session, tmp_p
     # an evolved proxy may not (a symbolic child whose sensitivity grows with b gets all 2 bits)
     seeds = ok.candidate_id.isin(cands[cands.operator == "seed"].candidate_id)
     assert seeds.any() and (ok[seeds].avg_bits > 4.0).all()
-    assert ok.spearman.between(-1, 1).all() and ok.kendall.between(-1, 1).all()
+    # a proxy that ranks every layer alike has no rank correlation (NaN); the seeds rank them
+    assert ok.spearman.dropna().between(-1, 1).all() and ok.kendall.dropna().between(-1, 1).all()
+    assert ok[seeds].spearman.notna().all()
     proto = Protocol(calib_data=str(corpus_file), nsamples=4, seqlen=32, eval_tokens=128)
     text = write_report(cfg.resolved_run_dir, proto).read_text()
     for label in ("| best program |", "| uniform |", "| hawq |", "| aptq |"):

@@ -32,8 +32,8 @@ def test_killed_driver_resumes_without_losing_or_repeating(tmp_path, tiny_model_
         "target": {"model": str(tiny_model_dir), "calib_data": str(corpus_file), "nsamples": 4, "seqlen": 32,
                    "eval_tokens": 128, "device": "cpu"},
         "policy": {"backend": "scripted", "scripted": COMPLETIONS, "prompts_per_batch": 2, "completions_per_prompt": 2},
-        "search": {"islands": 2, "population_size": 6, "elites": 1, "max_evaluations": 10, "max_seconds": 600,
-                   "eval_time_limit": 120, "cascade": 100.0, "checkpoint_every": 1,
+        "search": {"islands": 2, "population_size": 6, "elites": 1, "max_evaluations": 10, "max_seconds": scaled(600),
+                   "eval_time_limit": scaled(120), "cascade": 100.0, "checkpoint_every": 1,
                    "operators": {"llm_mutate": 0.5, "llm_init": 0.2, "symbolic_mutate": 0.3}},
         "evaluators": {"num": 1, "fault_injection": {"sleep_seconds": "1.5"}},
         "ray": {"num_cpus": 2}}))

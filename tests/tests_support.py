@@ -247,9 +247,10 @@ def job_id(launch_output: str) -> str:
 # ---------------------------------------------------------------- searches on the tiny model
 
 def make_config(tmp_path, tiny_model_dir, corpus_file, name="t", **search) -> RunConfig:
+    # the run's own time limits are deadlines too: they stretch on a busy machine
     defaults = dict(islands=2, population_size=6, elites=1, migration_interval=3, max_evaluations=8,
-                    max_seconds=300, eval_time_limit=60, queue_size=4, cascade=100.0, checkpoint_every=1,
-                    operators={"llm_mutate": 0.5, "llm_init": 0.2, "symbolic_mutate": 0.3})
+                    max_seconds=scaled(300), eval_time_limit=scaled(60), queue_size=4, cascade=100.0,
+                    checkpoint_every=1, operators={"llm_mutate": 0.5, "llm_init": 0.2, "symbolic_mutate": 0.3})
     defaults.update(search)
     return RunConfig(
         name=name, run_dir=str(tmp_path / "{name}"),
