@@ -16,6 +16,7 @@ BASELINES = {
     "ria": ("ria", "uniform"),
     "sparsegpt": ("sparsegpt", "uniform"),
     "owl-wanda": ("wanda", "owl"),
+    "alpha-wanda": ("wanda", "alpha"),     # AlphaPruning-style block sparsities (PruneConfig.alpha_lambda)
     "barber": ("barber", "uniform"),
 }
 

@@ -5,7 +5,7 @@ import re
 
 import torch
 
-from autoprune_ray.kernels.select import check_sparsity, nm_mask, prune_count, row_mask  # noqa: F401
+from autoprune_ray.kernels.select import check_sparsity, nm_mask, prune_count, row_mask, row_split  # noqa: F401
 
 
 def parse_pattern(pattern: str | None) -> tuple[int, int] | None:

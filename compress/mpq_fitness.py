@@ -1,10 +1,10 @@
 """Fitness of a mixed-precision sensitivity program (task mpq, TAP) on one target model, without
 Ray: the program's table → the bit allocation at the budget → the quantized model's held-out
-perplexity. The forward-free first stage is the allocation's mean relative output error
+perplexity (validation split). The forward-free first stage is the allocation's mean relative output error
 ||(Q(W) − W) X||² / ||W X||² over layers, from cached Gram matrices.
 
 Each candidate also gets the rank correlation (Spearman, Kendall) between its sensitivities and
-the measured ones (held-out NLL increase with one layer quantized) on a fixed sample of layers,
+the measured ones (validation NLL increase with one layer quantized) on a fixed sample of layers,
 as EMQ and Auto-Prox report; the measurement is cached on disk, since it costs one forward pass
 per sampled layer.
 """
@@ -52,7 +52,7 @@ class SensitivityEvaluator(DenseEvaluator):
         self.qdense = [self.dense[layer.block][layer.name] for layer in self.qlayers]
         self.sizes = layer_sizes(self.qlayers)
         self.relative_error = self._relative_errors()
-        self.measure = measure or MeasureConfig()
+        self.ground_truth = measure or MeasureConfig()   # `measure` is the staged-fitness method
         self.measured_layers, self.measured = self._measured()
 
     def _relative_errors(self) -> np.ndarray:
@@ -66,9 +66,9 @@ class SensitivityEvaluator(DenseEvaluator):
                 table[i, j] = reconstruction_error(w, quantized, gram) / max(base, 1e-30)
         return table
     def _measured(self) -> tuple[list[int], list[float]]:
-        m = self.measure
+        m = self.ground_truth
         indices = sample_layers(len(self.layers), m.layers, m.seed)
-        tokens = self.data.evaluation[:, :m.tokens]
+        tokens = self.data.validation[:, :m.tokens]
         key = {"model": self.lm.name, "tokens": hashlib.sha1(tokens.numpy().tobytes()).hexdigest()[:16],
                "seqlen": self.data.seqlen, "layers": indices, "bits": m.bits, "group": self.quant.group_size}
         path = cache_root() / "sensitivity" / (hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
@@ -94,7 +94,7 @@ class SensitivityEvaluator(DenseEvaluator):
         chosen = allocate_bits(table, self.quant, self.sizes)
         column = {b: j for j, b in enumerate(self.quant.choices)}
         error = float(np.mean([self.relative_error[i, column[b]] for i, b in enumerate(chosen)]))
-        at = column.get(self.measure.bits)
+        at = column.get(self.ground_truth.bits)
         proxy_values = [float(table[i, at]) for i in self.measured_layers] if at is not None else []
         rho, tau = rank_correlation(proxy_values, self.measured) if proxy_values else (float("nan"),) * 2
         columns = {"avg_bits": bitalloc.average_bits(self.sizes, chosen, self.quant.group_size),
@@ -105,4 +105,4 @@ class SensitivityEvaluator(DenseEvaluator):
         apply_bits(self.qlayers, bits, self.quant, self.stats, self.qdense)
 
     def describe(self) -> dict:
-        return {"quant": asdict(self.quant) | {"program": None}, "measure": asdict(self.measure)}
+        return {"quant": asdict(self.quant) | {"program": None}, "measure": asdict(self.ground_truth)}

@@ -14,14 +14,17 @@ class Protocol:
     seqlen: int = 2048
     seed: int = 0
     eval_tokens: int | None = None     # None: the whole held-out split
+    val_tokens: int | None = None      # None: the whole validation split (what a search selects on)
 
     def validate(self) -> "Protocol":
         if self.nsamples < 1:
             raise ValueError(f"nsamples must be positive, got {self.nsamples}")
         if self.seqlen < 2:
             raise ValueError(f"seqlen must be at least 2, got {self.seqlen}")
-        if self.eval_tokens is not None and self.eval_tokens < self.seqlen:
-            raise ValueError(f"eval_tokens ({self.eval_tokens}) is less than one window of seqlen {self.seqlen}")
+        for name in ("eval_tokens", "val_tokens"):
+            tokens = getattr(self, name)
+            if tokens is not None and tokens < self.seqlen:
+                raise ValueError(f"{name} ({tokens}) is less than one window of seqlen {self.seqlen}")
         return self
 
     def with_overrides(self, **overrides) -> "Protocol":
@@ -36,8 +39,10 @@ PRESETS = {
     "paper": Protocol(nsamples=128, seqlen=2048),
     # What a 2-core CPU finishes in minutes per method; the README table uses it.
     "cpu": Protocol(nsamples=64, seqlen=512, eval_tokens=32768),
+    # A quarter of cpu's tokens: many programs × levels × corpora × seeds in one sitting.
+    "quick": Protocol(nsamples=32, seqlen=256, eval_tokens=16384),
     # Seconds: tests and smoke runs.
-    "smoke": Protocol(nsamples=8, seqlen=128, eval_tokens=2048),
+    "smoke": Protocol(nsamples=8, seqlen=128, eval_tokens=2048, val_tokens=1024),
 }
 
 

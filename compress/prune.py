@@ -25,7 +25,7 @@ from .sparsegpt import sparsegpt_prune
 from .stats import BlockContext, BlockStats, CalibrationStats, calibration_stats
 
 METHODS = ("magnitude", "wanda", "ria", "sparsegpt", "barber", "program")
-ALLOCATIONS = ("uniform", "owl", "program")
+ALLOCATIONS = ("uniform", "owl", "alpha", "program")
 MODES = ("sequential", "one-pass")
 
 
@@ -34,7 +34,7 @@ class PruneConfig:
     method: str = "wanda"
     sparsity: float = 0.5
     pattern: str | None = None          # "2:4", "4:8"; None = unstructured
-    allocation: str = "uniform"         # or "owl"
+    allocation: str = "uniform"         # "owl", "alpha" (per block) or "program" (per linear)
     mode: str = "sequential"            # statistics: sequential (Wanda protocol) or one-pass (dense)
     owl_m: float = 5.0                  # OWL outlier threshold M (score > M · mean)
     owl_lambda: float = 0.08            # OWL range: block sparsities lie within S ± λ
@@ -43,21 +43,25 @@ class PruneConfig:
     sparsegpt_damp: float = 0.01
     program: Node | None = None          # method "program": a candidate score tree
     granularity: str = "row"             # its selection: per output row or whole layer
-    allocation_program: Node | None = None  # allocation "program": a per-block tree (SDSA)
-    allocation_lambda: float = 0.16      # its range: block sparsities within S ± λ
+    allocation_program: Node | None = None  # allocation "program": a per-linear tree (SDSA)
+    allocation_lambda: float = 0.16      # its range: linear sparsities within S ± λ
+    alpha_lambda: float = 0.1            # AlphaPruning-style range: block sparsities within S ± λ
     kernel_backend: str = "auto"         # program scores: fused Triton kernel on CUDA, torch otherwise
 
     def validate(self) -> "PruneConfig":
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
         if self.allocation not in ALLOCATIONS:
-            raise ValueError(f"unknown allocation {self.allocation!r}: choose uniform or owl")
+            raise ValueError(f"unknown allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}: choose sequential or one-pass")
         check_sparsity(self.sparsity)
         nm = parse_pattern(self.pattern)
-        if nm is not None and self.allocation == "owl":
-            raise ValueError("OWL allocates unstructured sparsity per block; it does not combine with N:M")
+        if nm is not None and self.allocation != "uniform":
+            raise ValueError(f"allocation {self.allocation!r} gives unstructured sparsities per layer "
+                             "(OWL, AlphaPruning-style, a program); it does not combine with N:M")
+        if self.allocation in ("alpha", "program"):
+            allocation.check_band(self.sparsity, self.band)
         if nm is not None and self.method == "barber":
             raise ValueError("the LLM-Barber swap is defined for unstructured masks; drop --pattern")
         if (self.method == "program") != (self.program is not None):
@@ -77,6 +81,11 @@ class PruneConfig:
         return parse_pattern(self.pattern)
 
     @property
+    def band(self) -> float:
+        """λ of the allocation map in use (allocation.allocate_sparsities)."""
+        return self.alpha_lambda if self.allocation == "alpha" else self.allocation_lambda
+
+    @property
     def target_sparsity(self) -> float:
         return self.nm[0] / self.nm[1] if self.nm else self.sparsity
 
@@ -89,7 +98,8 @@ class PruneConfig:
 @dataclass
 class PruneResult:
     config: PruneConfig
-    block_targets: list[float]
+    block_targets: list[float]        # per block; for a per-linear allocation the parameter-weighted mean
+    layer_targets: dict[str, float] = field(default_factory=dict)   # "block.name" -> target sparsity
     per_layer: dict[str, float] = field(default_factory=dict)   # achieved sparsity per linear
     masks: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)   # only with apply=False
     pruned: int = 0
@@ -102,7 +112,8 @@ class PruneResult:
 
     def to_dict(self) -> dict:
         return {"config": asdict(self.config), "label": self.config.label, "sparsity": self.sparsity,
-                "block_targets": self.block_targets, "per_layer": self.per_layer, "seconds": self.seconds}
+                "block_targets": self.block_targets, "layer_targets": self.layer_targets,
+                "per_layer": self.per_layer, "seconds": self.seconds}
 
 
 def check_widths(model: nn.Module, nm: tuple[int, int] | None) -> None:
@@ -116,25 +127,27 @@ def check_widths(model: nn.Module, nm: tuple[int, int] | None) -> None:
 
 
 class BlockPruner:
-    """Prunes one block given its statistics; a `stats.BlockHook` for the sequential walk. With
-    apply=False it only computes the masks (into result.masks) and leaves the weights alone."""
+    """Prunes one block given its statistics, each linear to its own target in
+    result.layer_targets; a `stats.BlockHook` for the sequential walk. With apply=False it only
+    computes the masks (into result.masks) and leaves the weights alone."""
 
-    def __init__(self, cfg: PruneConfig, targets: list[float], result: PruneResult,
+    def __init__(self, cfg: PruneConfig, result: PruneResult,
                  grad_rms: list[dict[str, torch.Tensor]] | None = None, apply: bool = True):
         if not apply and cfg.method in ("sparsegpt", "barber"):
             raise ValueError(f"{cfg.method} changes the weights while it prunes: it cannot give masks alone")
-        self.cfg, self.targets, self.result = cfg, targets, result
+        self.cfg, self.result = cfg, result
+        self.targets, self.n_blocks = result.layer_targets, len(result.block_targets)
         self.grad_rms, self.apply = grad_rms, apply
-        self.signature = json.dumps(asdict(cfg), sort_keys=True, default=str) + json.dumps(targets)
+        self.signature = json.dumps(asdict(cfg), sort_keys=True, default=str) + json.dumps(self.targets)
 
     def __call__(self, index: int, block: nn.Module, stats: BlockStats | None,
                  ctx: BlockContext | None = None) -> None:
         linears = block_linears(block)
-        sparsity = self.targets[index]
+        sparsity = {name: self.targets[f"{index}.{name}"] for name in linears}
         if self.cfg.method == "sparsegpt":
             masks = self._sparsegpt(linears, stats, sparsity)
         else:
-            masks = {name: self._score_mask(index, name, lin.weight, stats, sparsity)
+            masks = {name: self._score_mask(index, name, lin.weight, stats, sparsity[name])
                      for name, lin in linears.items()}
             if self.cfg.method == "barber":
                 masks = self._barber(block, linears, masks, ctx)
@@ -149,7 +162,7 @@ class BlockPruner:
     def _score_mask(self, index, name, weight, stats, sparsity):
         if self.cfg.method == "program":
             grad = self.grad_rms[index][name] if self.grad_rms else None
-            env = score_inputs(weight.data, stats[name], grad, allocation.layer_depth(index, len(self.targets)))
+            env = score_inputs(weight.data, stats[name], grad, allocation.layer_depth(index, self.n_blocks))
             return program_mask(self.cfg.program, env, sparsity, self.cfg.nm, self.cfg.granularity,
                                 self.cfg.kernel_backend)
         method = "wanda" if self.cfg.method == "barber" else self.cfg.method
@@ -160,7 +173,7 @@ class BlockPruner:
     def _sparsegpt(self, linears, stats, sparsity):
         masks = {}
         for name, lin in linears.items():
-            new_weight, masks[name] = sparsegpt_prune(lin.weight.data, stats[name].gram, sparsity, self.cfg.nm,
+            new_weight, masks[name] = sparsegpt_prune(lin.weight.data, stats[name].gram, sparsity[name], self.cfg.nm,
                                                       self.cfg.sparsegpt_blocksize, self.cfg.sparsegpt_damp)
             lin.weight.data.copy_(new_weight)
         return masks
@@ -181,21 +194,74 @@ class BlockPruner:
         self.result.total += mask.numel()
 
 
+def dense_weights(lm: LoadedModel) -> list[dict[str, torch.Tensor]]:
+    return [{n: lin.weight.data for n, lin in block_linears(b).items()} for b in decoder_layers(lm.model)]
+
+
+def sparsity_targets(lm: LoadedModel, data: TokenData | None, cfg: PruneConfig,
+                     stats: CalibrationStats | None = None,
+                     allocation_cache: dict | None = None) -> tuple[list[float], dict[str, float]]:
+    """(per-block targets, per-linear targets keyed "block.name") of the dense model. OWL and
+    uniform are per block, broadcast to the block's linears; AlphaPruning-style and programs are
+    per linear, and a block's target is then its linears' parameter-weighted mean.
+
+    Non-uniform allocations read one-pass statistics of the dense model (`stats` when the caller
+    has them cached); `allocation_cache` keeps a program's inputs between calls on the same
+    dense weights and statistics (see allocation.linear_statistics)."""
+    weights = dense_weights(lm)
+    keys = allocation.linear_keys(weights)
+    if cfg.allocation in ("uniform", "owl"):
+        blocks = _block_allocation(lm, data, cfg, stats, weights)
+        return blocks, {f"{i}.{name}": blocks[i] for i, name in keys}
+    names = ["alpha"] if cfg.allocation == "alpha" else sorted(expr.inputs_of(cfg.allocation_program))
+    stats = _allocation_stats(lm, data, names, stats)
+    inputs = allocation.linear_statistics(weights, stats.blocks if stats else None, names, cfg.sparsity,
+                                          cfg.owl_m, allocation_cache)
+    sizes = allocation.linear_sizes(weights)
+    if cfg.allocation == "alpha":
+        values = allocation.alpha_block_allocation(inputs["alpha"], keys, sizes, cfg.sparsity, cfg.alpha_lambda)
+    else:
+        raw = _one_per_row(expr.evaluate(cfg.allocation_program, inputs), len(keys))
+        values = allocation.allocate_sparsities(raw, sizes, cfg.sparsity, cfg.allocation_lambda)
+    targets = {f"{i}.{name}": s for (i, name), s in zip(keys, values)}
+    return allocation.block_means(targets, weights), targets
+
+
 def block_targets(lm: LoadedModel, data: TokenData | None, cfg: PruneConfig,
                   stats: CalibrationStats | None = None) -> list[float]:
-    """Each block's sparsity; a non-uniform allocation reads one-pass statistics of the dense
-    model (`stats` when the caller has them cached)."""
-    n_blocks = len(decoder_layers(lm.model))
+    """Each block's sparsity (see sparsity_targets)."""
+    return sparsity_targets(lm, data, cfg, stats)[0]
+
+
+def _block_allocation(lm, data, cfg, stats, weights) -> list[float]:
     if cfg.allocation == "uniform":
-        return allocation.uniform(cfg.target_sparsity, n_blocks)
-    stats = stats or calibration_stats(lm, data, "one-pass", with_gram=False)
-    weights = [{n: l.weight.data for n, l in block_linears(b).items()} for b in decoder_layers(lm.model)]
-    if cfg.allocation == "owl":
-        ratios = [allocation.outlier_ratio(w, stats.blocks[i], cfg.owl_m) for i, w in enumerate(weights)]
-        return allocation.owl(cfg.sparsity, ratios, cfg.owl_lambda)
-    inputs = allocation.layer_statistics(weights, stats.blocks, cfg.owl_m)
-    raw = expr.evaluate(cfg.allocation_program, inputs)
-    return allocation.normalize_allocation(raw.expand(n_blocks, 1), cfg.sparsity, cfg.allocation_lambda)
+        return allocation.uniform(cfg.target_sparsity, len(weights))
+    stats = _allocation_stats(lm, data, ["outlier"], stats)
+    ratios = [allocation.outlier_ratio(w, stats.blocks[i], cfg.owl_m) for i, w in enumerate(weights)]
+    return allocation.owl(cfg.sparsity, ratios, cfg.owl_lambda)
+
+
+def _allocation_stats(lm, data, names, stats) -> CalibrationStats | None:
+    """One-pass dense statistics when the allocation reads any (with Gram matrices for `sens`)."""
+    with_gram = "sens" in names
+    if not set(names) & {"skew", "kurt", "outlier", "sens"}:
+        return None
+    if stats is not None:
+        if with_gram and any(st.gram is None for st in stats.blocks[0].inputs.values()):
+            raise ValueError("the allocation reads `sens`: its statistics need Gram matrices")
+        return stats
+    if data is None:
+        raise ValueError("this allocation reads calibration statistics: it needs calibration data")
+    return calibration_stats(lm, data, "one-pass", with_gram=with_gram)
+
+
+def _one_per_row(raw: torch.Tensor, rows: int) -> torch.Tensor:
+    """A program's value per linear; one value for all (a constant) is uniform."""
+    if raw.numel() == 1:
+        return raw.reshape(1).expand(rows)
+    if raw.numel() != rows:
+        raise allocation.AllocationError(f"the allocation gave shape {tuple(raw.shape)} for {rows} linear layers")
+    return raw.reshape(rows)
 
 
 def program_gradients(lm: LoadedModel, data: TokenData, cfg: PruneConfig,
@@ -211,19 +277,20 @@ def program_gradients(lm: LoadedModel, data: TokenData, cfg: PruneConfig,
 
 
 def prune_model(lm: LoadedModel, data: TokenData | None, cfg: PruneConfig, stats: CalibrationStats | None = None,
-                apply: bool = True) -> PruneResult:
+                apply: bool = True, allocation_cache: dict | None = None) -> PruneResult:
     """Prune `lm` in place. Magnitude needs no data; every other method calibrates on `data`.
 
     `stats`: cached one-pass statistics of the dense model, used in mode one-pass instead of a new
-    calibration pass. apply=False computes the masks into result.masks and leaves the weights dense."""
+    calibration pass. apply=False computes the masks into result.masks and leaves the weights dense.
+    `allocation_cache`: see sparsity_targets (a caller pruning the same dense model many times)."""
     cfg.validate()
     check_widths(lm.model, cfg.nm)
     if cfg.method != "magnitude" and data is None and stats is None:
         raise ValueError(f"{cfg.method} needs calibration data")
     start = time.perf_counter()
-    targets = block_targets(lm, data, cfg, stats)
-    result = PruneResult(cfg, targets)
-    pruner = BlockPruner(cfg, targets, result, program_gradients(lm, data, cfg, stats), apply)
+    blocks, layers = sparsity_targets(lm, data, cfg, stats, allocation_cache)
+    result = PruneResult(cfg, blocks, layers)
+    pruner = BlockPruner(cfg, result, program_gradients(lm, data, cfg, stats), apply)
     if cfg.method == "magnitude":
         for index, block in enumerate(decoder_layers(lm.model)):
             pruner(index, block, None)

@@ -22,7 +22,8 @@ def sparsegpt_prune(weight: torch.Tensor, gram: torch.Tensor, sparsity: float,
                     damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (updated weight, prune mask). The mask is chosen block by block of `blocksize`
     columns by W²/diag(H⁻¹)², and each pruned column's error is spread over the columns
-    not yet visited. Each block prunes an exact share of its weights."""
+    not yet visited. Block [a, b) prunes prune_count(rows·b) − prune_count(rows·a) weights
+    (cumulative rounding), so the layer prunes exactly round(s·rows·cols), as row-wise masks do."""
     w = weight.detach().clone().float()
     rows, cols = w.shape
     hinv = inverse_hessian_cholesky(gram, w, damp)
@@ -35,7 +36,7 @@ def sparsegpt_prune(weight: torch.Tensor, gram: torch.Tensor, sparsity: float,
         d = h_blk.diagonal()
         if pattern is None:
             score = (w_blk ** 2 / d.unsqueeze(0) ** 2).flatten()
-            k = prune_count(score.numel(), sparsity)
+            k = prune_count(rows * end, sparsity) - prune_count(rows * start, sparsity)
             m_blk.view(-1)[torch.sort(score, stable=True)[1][:k]] = True
         for i in range(end - start):
             if pattern is not None and i % pattern[1] == 0:

@@ -68,31 +68,48 @@ def measure_and_show(cfg, save, report_name: str, as_json: bool, show_tables, **
         click.echo(f"saved to {save}")
 
 
-def load_program(path: str, granularity: str, task: str):
-    """A program file, or RUN_DIR:best for the best program a search of `task` found."""
-    from autoprune_ray.operators.language import CandidateError, parse
+def load_program(path: str, granularity: str, task: str | None = None):
+    """A program file, or RUN_DIR:best for the best program a search found. task None: a pruning
+    file whose functions say what it is (a metric, an allocation, or both: tasks prune, allocate,
+    joint)."""
+    from autoprune_ray.operators.language import CandidateError, parse, parse_file
     if path.endswith(":best") and Path(path[:-5]).is_dir():
         return best_program(path[:-5], granularity, task)
     if not Path(path).exists():
         raise FileNotFoundError(f"program file {path} does not exist")
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
     try:
-        # strict: a file holds the one function and nothing else (top-level statements are rejected)
-        return parse(Path(path).read_text(encoding="utf-8", errors="replace"), task, granularity, strict=True)
+        # strict: a file holds its function(s) and nothing else (top-level statements are rejected)
+        return parse_file(text, granularity) if task is None else parse(text, task, granularity, strict=True)
     except CandidateError as exc:
         raise click.ClickException(f"program rejected: {exc}") from None
 
 
-def best_program(run_dir: str, granularity: str, task: str):
+def best_program(run_dir: str, granularity: str, task: str | None):
     from autoprune_ray.engine.report import best_row, open_run
     from autoprune_ray.operators.language import parse
 
-    _, plugin, store = open_run(run_dir)
-    if plugin.name != task:   # another task's program is written in another language
-        raise click.ClickException(f"{run_dir} searched task {plugin.name!r}, not {task!r}")
-    best = best_row(store.read("candidates"), store.read("evaluations"))
+    from autoprune_ray.operators.language import TASK_PARTS
+
+    config, plugin, store = open_run(run_dir)
+    pruning = set(TASK_PARTS[plugin.name]) <= {"prune", "allocate"}   # a metric, an allocation, or both
+    if (task is None and not pruning) or (task is not None and plugin.name != task):
+        raise click.ClickException(f"{run_dir} searched task {plugin.name!r}, not {task or 'a pruning task'}")
+    best = best_row(store.read("candidates"), store.read("evaluations"), promotions=store.read("promotions"),
+                    config=config)
     if best is None:
         raise click.ClickException(f"{run_dir} has no evaluated program yet")
-    return parse(best.code, task, best.granularity or granularity)
+    return parse(best.code, plugin.name, best.granularity or granularity)
+
+
+def program_prune_config(program, method: str, **settings):
+    """The PruneConfig that applies a metric, an allocation (with `method` as its metric), or both."""
+    from autoprune_ray.compress.prune import PruneConfig
+    metric, allocation = program.parts.get("prune"), program.parts.get("allocate")   # by language, not task
+    if allocation is not None:
+        settings["allocation"] = "program"
+    return PruneConfig(method="program" if metric is not None else method, program=metric,
+                       granularity=program.granularity, allocation_program=allocation, **settings)
 
 
 def parse_sparsities(text: str) -> list[float]:
@@ -121,12 +138,17 @@ def split_list(text: str) -> list[str]:
 @click.option("--method", default="wanda", show_default=True,
               help="magnitude, wanda, ria, sparsegpt or barber (LLM-Barber).")
 @click.option("--program", "program_file", default=None,
-              help="A candidate pruning metric (Python file, `def score(W, A, ...)`) or RUN_DIR:best; "
-                   "overrides --method.")
+              help="A pruning program file or RUN_DIR:best: a metric (`def score(W, A, ...)`, overrides --method), "
+                   "an allocation (`def allocate(outlier, ...)`, overrides --allocation), or both in one file.")
 @click.option("--granularity", default="row", show_default=True, help="For --program: row or layer selection.")
 @click.option("--sparsity", type=float, default=0.5, show_default=True, help="Target share of pruned weights.")
 @click.option("--pattern", default=None, help="N:M semi-structured pattern, e.g. 2:4 or 4:8.")
-@click.option("--allocation", default="uniform", show_default=True, help="Layer-wise allocation: uniform or owl.")
+@click.option("--allocation", default="uniform", show_default=True,
+              help="Layer-wise allocation: uniform, owl or alpha (AlphaPruning-style).")
+@click.option("--allocation-lambda", type=float, default=0.16, show_default=True,
+              help="For an allocation program: its layers' sparsities lie within sparsity ± λ.")
+@click.option("--alpha-lambda", type=float, default=0.1, show_default=True,
+              help="AlphaPruning-style allocation: block sparsities within sparsity ± λ.")
 @click.option("--owl-lambda", type=float, default=0.08, show_default=True, help="OWL range λ.")
 @click.option("--owl-m", type=float, default=5.0, show_default=True, help="OWL outlier threshold M.")
 @click.option("--mode", default="sequential", show_default=True,
@@ -135,24 +157,26 @@ def split_list(text: str) -> list[str]:
 @click.option("--save", type=click.Path(file_okay=False), default=None, help="Write the pruned model (HF format) here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a table.")
 @clear_errors
-def prune(method, program_file, granularity, sparsity, pattern, allocation, owl_lambda, owl_m, mode, save, as_json,
-          **options):
-    """Prune a model with one baseline and report its perplexity.
+def prune(method, program_file, granularity, sparsity, pattern, allocation, allocation_lambda, alpha_lambda,
+          owl_lambda, owl_m, mode, save, as_json, **options):
+    """Prune a model with one baseline or a program file and report its perplexity.
 
     \b
     Examples:
       autoprune-ray prune --method wanda --sparsity 0.5
       autoprune-ray prune --method sparsegpt --pattern 2:4 --save pruned/
       autoprune-ray prune --method wanda --allocation owl --sparsity 0.7
+      autoprune-ray prune --program benchmarks/results/discovered/best-70.py --sparsity 0.7 --data fortunes
       autoprune-ray prune --model meta-llama/Llama-2-7b-hf --data c4 --eval-data wikitext2 --protocol paper
     """
     from autoprune_ray.compress.prune import PruneConfig
 
-    program = load_program(program_file, granularity, "prune") if program_file else None
-    cfg = PruneConfig(method="program" if program else method, sparsity=sparsity, pattern=pattern,
-                      allocation=allocation, mode=mode, owl_lambda=owl_lambda, owl_m=owl_m,
-                      program=program.tree if program else None,
-                      granularity=program.granularity if program else "row").validate()
+    settings = dict(sparsity=sparsity, pattern=pattern, allocation=allocation, mode=mode, owl_lambda=owl_lambda,
+                    owl_m=owl_m, allocation_lambda=allocation_lambda, alpha_lambda=alpha_lambda)
+    if program_file:
+        cfg = program_prune_config(load_program(program_file, granularity), method, **settings).validate()
+    else:
+        cfg = PruneConfig(method=method, **settings).validate()
     measure_and_show(cfg, save, "pruning.json", as_json, show_pruning, **options)
 
 
@@ -264,8 +288,9 @@ class TaskChoice(click.Choice):
 
 @click.command()
 @click.argument("program_file", type=click.Path(dir_okay=False))
-@click.option("--task", default="prune", show_default=True, type=TaskChoice(),
-              help="The search task whose language the program is written in.")
+@click.option("--task", default=None, type=TaskChoice(),
+              help="The search task whose language the program is written in (default: a pruning program, "
+                   "told by its functions: a metric, an allocation or both).")
 def check(program_file, task):
     """Parse a candidate program (never executed): print its canonical form and hash, or why it is rejected.
 
@@ -274,14 +299,15 @@ def check(program_file, task):
       autoprune-ray check my_metric.py
       echo 'def score(W, A): return W.abs() * A' > m.py && autoprune-ray check m.py
     """
-    from autoprune_ray.operators.language import CandidateError, parse
+    from autoprune_ray.operators.language import CandidateError, parse, parse_file
     if not Path(program_file).exists():
         raise click.ClickException(f"program file {program_file} does not exist")
+    text = Path(program_file).read_text(encoding="utf-8", errors="replace")
     try:
-        cand = parse(Path(program_file).read_text(encoding="utf-8", errors="replace"), task, strict=True)
+        cand = parse_file(text) if task is None else parse(text, task, strict=True)
     except CandidateError as exc:
         raise click.ClickException(f"rejected: {exc}") from None
-    click.echo(f"# hash {cand.hash}; inputs {', '.join(cand.inputs)}")
+    click.echo(f"# task {cand.task}; hash {cand.hash}; inputs {', '.join(cand.inputs)}")
     click.echo(cand.code, nl=False)
 
 

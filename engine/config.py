@@ -19,17 +19,42 @@ class ConfigError(ValueError):
 
 @dataclass
 class TargetConfig(Protocol):
-    """The model being compressed and how a candidate is measured on it: a calibration and
-    evaluation protocol (its fields: calib_data, nsamples, seqlen, seed, eval_tokens), sized here
-    for search time, plus the target itself."""
+    """The model being compressed and how a candidate is measured on it: a calibration protocol
+    (calib_data, nsamples, seqlen, seed), sized here for search time, plus the target itself. A
+    search reads the *validation* split (val_tokens of it); the held-out split stays sealed until
+    the report (eval_tokens is the report's)."""
     nsamples: int = 16
     seqlen: int = 256
-    eval_tokens: int | None = 4096   # held-out tokens for search-time perplexity
+    val_tokens: int | None = 4096    # validation tokens a search may read (its stages use their first ones)
     model: str = "smollm2"
     sparsity: float = 0.5
+    sparsities: list[float] | None = None   # several levels (0.6, 0.7): the fitness combines them
     pattern: str | None = None
     device: str | None = None
     gradients: bool = False          # collect gradient RMS (G) for programs that read it: one backward per window
+
+
+    @property
+    def levels(self) -> list[float]:
+        """The sparsities a candidate is measured at: `sparsities`, else `sparsity`."""
+        return list(self.sparsities) if self.sparsities else [self.sparsity]
+
+
+@dataclass
+class FitnessSettings:
+    """How a screened candidate is measured (compress/fitness.py), and its promotion.
+
+    Search stage: `measure` (kl: KL divergence to the dense model's cached next-token
+    distribution; perplexity) on the first `tokens` validation tokens, at every level; fitness is
+    −mean over levels of log(measure). Promotion, when the search stops: the `promote` fittest
+    programs are measured again by perplexity on `promote_tokens` validation tokens, with the
+    run's calibration seed and with `second_seed`; the best is the one with the highest mean of
+    those two fitnesses."""
+    measure: str = "perplexity"
+    tokens: int | None = None          # None: all of target.val_tokens
+    promote: int = 0                   # 0: no promotion (the best is the best search-stage fitness)
+    promote_tokens: int | None = None  # None: all of target.val_tokens
+    second_seed: int = 1
 
 
 @dataclass
@@ -166,6 +191,7 @@ class RunConfig:
     target: TargetConfig = field(default_factory=TargetConfig)
     quant: QuantSettings = field(default_factory=QuantSettings)
     allocation: AllocationSettings = field(default_factory=AllocationSettings)
+    fitness: FitnessSettings = field(default_factory=FitnessSettings)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     evaluators: EvaluatorConfig = field(default_factory=EvaluatorConfig)
@@ -174,17 +200,12 @@ class RunConfig:
     ray: RayConfig = field(default_factory=RayConfig)
 
     def validate(self) -> "RunConfig":
-        from autoprune_ray.compress.masks import check_sparsity, parse_pattern
         from autoprune_ray.tasks import TASKS
         _check(self.task in TASKS, "task", f"unknown task {self.task!r}: choose {', '.join(TASKS)}")
         missing = TASKS[self.task].unimplemented()
         _check(not missing, "task", f"task {self.task!r} cannot be searched: its plug-in lacks {', '.join(missing)}")
-        try:
-            check_sparsity(self.target.sparsity)
-            parse_pattern(self.target.pattern)
-            self.target.validate()
-        except ValueError as exc:
-            raise ConfigError(f"target: {exc}") from None
+        self._validate_target()
+        self._validate_fitness()
         _check(self.policy.backend in ("transformers", "vllm", "openai", "scripted"), "policy.backend",
                f"unknown backend {self.policy.backend!r}: transformers, vllm, openai or scripted")
         _check(self.policy.backend != "scripted" or self.policy.scripted, "policy.scripted",
@@ -211,6 +232,35 @@ class RunConfig:
             raise ConfigError(str(exc)) from None
         return self
 
+    def _validate_target(self) -> None:
+        from autoprune_ray.compress.masks import check_sparsity, parse_pattern
+        t = self.target
+        _check(t.sparsities is None or len(t.sparsities) >= 1, "target.sparsities", "list at least one sparsity")
+        for key, value in [("sparsity", t.sparsity)] + [(f"sparsities[{i}]", v) for i, v in enumerate(t.sparsities or [])]:
+            _check(0 < value < 1, f"target.{key}", f"a sparsity lies strictly between 0 and 1, got {value}")
+        try:
+            for level in t.levels:
+                check_sparsity(level)
+            parse_pattern(t.pattern)
+            t.validate()
+        except ValueError as exc:
+            raise ConfigError(f"target: {exc}") from None
+        _check(t.val_tokens is None or t.val_tokens >= t.seqlen, "target.val_tokens",
+               f"at least one window of seqlen {t.seqlen}, got {t.val_tokens}")
+
+    def _validate_fitness(self) -> None:
+        from autoprune_ray.compress.fitness import KINDS
+        f, t = self.fitness, self.target
+        _check(f.measure in KINDS, "fitness.measure", f"unknown measure {f.measure!r}: use {' or '.join(KINDS)}")
+        for key in ("tokens", "promote_tokens"):
+            value = getattr(f, key)
+            _check(value is None or value >= t.seqlen, f"fitness.{key}",
+                   f"at least one window of seqlen {t.seqlen}, got {value}")
+            _check(value is None or t.val_tokens is None or value <= t.val_tokens, f"fitness.{key}",
+                   f"at most target.val_tokens ({t.val_tokens}), got {value}")
+        _check(f.promote >= 0, "fitness.promote", "must be 0 (no promotion) or more")
+        _check(f.second_seed != t.seed, "fitness.second_seed", f"must differ from target.seed ({t.seed})")
+
     def _validate_dpo(self) -> None:
         d, st = self.dpo, self.strategy
         _check(d.every_pairs >= 1 and d.max_pairs >= 1, "dpo.every_pairs", "every_pairs and max_pairs must be >= 1")
@@ -228,6 +278,10 @@ class RunConfig:
                f"{self.ray.dashboard_host!r} opens the Ray dashboard and its Jobs API to the network while "
                "RAY_AUTH_MODE=disabled turns token authentication off: unset RAY_AUTH_MODE (or set it to token) "
                "to keep Ray's token authentication on, or use dashboard_host 127.0.0.1")
+
+    def at_level(self, sparsity: float) -> "RunConfig":
+        """This config with one sparsity level: what a task plug-in builds one level's config from."""
+        return dataclasses.replace(self, target=dataclasses.replace(self.target, sparsity=sparsity, sparsities=None))
 
     @property
     def resolved_run_dir(self) -> Path:

@@ -20,6 +20,7 @@ evaluator died is re-queued and recorded once; a killed driver resumes from the 
     engine/proposals.py   Proposals        operator choice, prompts, symbolic children, propose
     engine/learning.py    PolicyLearning   preference pairs, prompt strategies, DPO rounds
     engine/stopping.py    stop_reason, proxy_cutoff, summary
+    engine/promotion.py   the fittest programs measured again when the search stops
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import logging
 import random
 from dataclasses import dataclass, field
 
-from autoprune_ray.engine import stopping
+from autoprune_ray.engine import promotion, stopping
 from autoprune_ray.engine.config import RunConfig
 from autoprune_ray.engine.database import Population
 from autoprune_ray.engine.learning import LLM_OPERATORS, PolicyLearning
@@ -42,7 +43,7 @@ log = logging.getLogger("autoprune_ray.engine")
 
 @dataclass
 class Inflight:
-    kind: str                  # "eval", "generate", "ping" or "dpo"
+    kind: str                  # "eval", "generate", "ping", "dpo" or "promote"
     worker: int | None
     started: float
     payload: dict = field(default_factory=dict)
@@ -165,4 +166,23 @@ class Search:
         return stopping.proxy_cutoff(self.population, self.cfg.search.cascade)
 
     def summary(self) -> dict:
-        return stopping.summary(self.cfg, self.records, self.learning, self.population)
+        return stopping.summary(self.cfg, self.records, self.learning, self.population) | {"promoted": self.promoted()}
+
+    # ------------------------------------------------------------------ promotion
+    def promotion_jobs(self) -> list[dict]:
+        return promotion.promotion_jobs(self.cfg, self.store.read("candidates"), self.store.read("evaluations"),
+                                        self.store.read("promotions"))
+
+    def record_promotion(self, job: dict, result: dict) -> None:
+        row = promotion.promotion_row(self.cfg, job, result, self.records.now())
+        self.store.append("promotions", row)
+        log.info("promotion of #%d, seed %d: %s, perplexity %s %s", job["candidate_id"], job["seed"], row["status"],
+                 "-" if row["perplexity"] is None else f"{row['perplexity']:.3f}", row["levels"] or row["reason"])
+
+    def promoted(self) -> dict | None:
+        """The best program after promotion: candidate_id, fitness, perplexity; None before it."""
+        if not self.cfg.fitness.promote:
+            return None
+        ranking = promotion.promoted_ranking(self.store.read("promotions"), promotion.promotion_seeds(self.cfg))
+        return None if ranking.empty else {k: (int(v) if k == "candidate_id" else float(v))
+                                           for k, v in ranking.iloc[0].items()}

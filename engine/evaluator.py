@@ -1,9 +1,13 @@
 """Evaluator: holds the target model and its cached statistics, scores one candidate at a time.
 
-Cascade fitness: every candidate is screened by its task's evaluator (forward-free, e.g. the
-reconstruction proxy); only those whose proxy is within the job's cutoff get held-out perplexity. Every failure (rejected program, NaN or
-Inf, shape error, out of memory) comes back as a recorded outcome with its reason, never a crash.
-Time limits are enforced by the controller, which kills and restarts a hung evaluator.
+Staged fitness: every candidate is screened by its task's evaluator at each of the run's levels
+(forward-free, e.g. the reconstruction proxy); only those whose proxy is within the job's cutoff
+are measured (fitness.measure: KL to the dense model or perplexity, on validation tokens). A
+promotion job measures again by perplexity on more validation tokens, under its calibration seed.
+The held-out split is sealed here: an evaluator cannot read it. Every failure (rejected program,
+NaN or Inf, a bad allocation, shape error, out of memory) comes back as a recorded outcome with
+its reason, never a crash. Time limits are enforced by the controller, which kills and restarts a
+hung evaluator.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import traceback
 import torch
 
 from autoprune_ray.compress.data import load_token_data
+from autoprune_ray.compress.fitness import Stage
 from autoprune_ray.compress.models import load_model
 from autoprune_ray.engine.config import RunConfig
 from autoprune_ray.operators.language import CandidateError, parse
@@ -29,30 +34,51 @@ class EvaluatorWorker:
         torch.set_num_threads(max(1, int(os.environ.get("AUTOPRUNE_EVAL_THREADS", torch.get_num_threads()))))
         self.cfg, self.task, self.worker_id = cfg, get_task(cfg.task), worker_id
         self.faults = cfg.evaluators.fault_injection or {}
-        t = cfg.target
-        self.lm = load_model(t.model, device=t.device)
-        self.data = load_token_data(self.lm.tokenizer, t.calib_data, t.eval_data, t.nsamples, t.seqlen, t.seed,
-                                    t.eval_tokens)
-        self.evaluator = self.task.make_evaluator(self.lm, self.data, cfg)
+        self.lm = load_model(cfg.target.model, device=cfg.target.device)
+        self.evaluators = {cfg.target.seed: self.task.make_evaluator(self.lm, self._data(cfg.target.seed), cfg)}
+        self.evaluator = self.evaluators[cfg.target.seed]
         self.started = time.time()
         self.node = _node_id()
+
+    def _data(self, seed: int):
+        t = self.cfg.target
+        return load_token_data(self.lm.tokenizer, t.calib_data, None, t.nsamples, t.seqlen, seed,
+                               val_tokens=t.val_tokens, heldout=False)
+
+    def _evaluator_for(self, seed: int | None):
+        """The evaluator calibrated with `seed` (a promotion's second seed is built on first use;
+        like the dense weights, its statistics read the same on every call)."""
+        seed = self.cfg.target.seed if seed is None else seed
+        if seed not in self.evaluators:
+            self.evaluators[seed] = self.task.make_evaluator(self.lm, self._data(seed), self.cfg)
+        return self.evaluators[seed]
+
+    def _stage(self, job: dict) -> Stage:
+        f = self.cfg.fitness
+        return Stage("perplexity", f.promote_tokens) if job.get("stage") == "promote" else Stage(f.measure, f.tokens)
 
     def ping(self) -> dict:
         return {"worker": self.worker_id, "pid": os.getpid(), "node": self.node, "up_seconds": time.time() - self.started}
 
     def evaluate(self, job: dict) -> dict:
-        """job: candidate_id, hash, code, granularity, proxy_cutoff (None: always measure perplexity)."""
+        """job: candidate_id, hash, code, granularity, proxy_cutoff (None: always measure); a
+        promotion adds stage "promote" and its calibration seed."""
         start = time.perf_counter()
         out = {"candidate_id": job["candidate_id"], "hash": job["hash"], "worker": self.worker_id,
                "pid": os.getpid(), "node": self.node, "proxy": None, "perplexity": None, "reason": ""}
+        evaluator = self.evaluator
         try:
             self._inject_faults(job["code"])
             cand = parse(job["code"], self.cfg.task, job.get("granularity", "row"))
-            screened = self.evaluator.screen(self.task.compression_config(cand, self.cfg))
+            evaluator = self._evaluator_for(job.get("seed"))
+            levels = self.cfg.target.levels
+            screened = evaluator.screen_levels([self.task.compression_config(cand, self.cfg.at_level(level))
+                                                for level in levels])
             out.update(screened.columns, proxy=screened.proxy)
             cutoff = job.get("proxy_cutoff")
             if cutoff is None or screened.proxy <= cutoff:
-                out["perplexity"] = self.evaluator.perplexity(screened.value)
+                measured = evaluator.measure(screened.value, self._stage(job))
+                out.update(measured, levels=levels_text(levels, measured["levels"]))
                 out["status"] = "ok"
             else:
                 out["status"] = "screened"   # proxy too far behind the best: no perplexity spent
@@ -64,7 +90,7 @@ class EvaluatorWorker:
         except Exception as exc:  # noqa: BLE001 - an unknown failure is still a recorded outcome
             out.update(status="failed", reason=f"{type(exc).__name__}: {exc}; {traceback.format_exc(limit=2)}"[:800])
         finally:
-            self.evaluator.restore()   # also after a failure inside screening
+            evaluator.restore()   # also after a failure inside screening
         out["seconds"] = time.perf_counter() - start
         return out
 
@@ -83,6 +109,11 @@ class EvaluatorWorker:
                 if marker:
                     open(marker, "w").close()
                 os._exit(1)
+
+
+def levels_text(levels: list[float], values: list[float]) -> str:
+    """Each level's measure, as the evaluations table records it: "0.6:41.2,0.7:97.5"."""
+    return ",".join(f"{level:g}:{value:.6g}" for level, value in zip(levels, values))
 
 
 def _node_id() -> str | None:

@@ -97,7 +97,8 @@ class RunRecords:
         status = result["status"]
         return {"candidate_id": job["candidate_id"], "hash": job["hash"], "status": status,
                 "proxy": result.get("proxy"), "perplexity": result.get("perplexity"),
-                "fitness": fitness_from_perplexity(result.get("perplexity")) if status == "ok" else None,
+                "fitness": result_fitness(result) if status == "ok" else None,
+                "kl": result.get("kl"), "levels": result.get("levels"),
                 "seconds": result.get("seconds"), "worker": result.get("worker"),
                 "reason": result.get("reason", ""), "attempts": job.get("attempts", 0),
                 "finished": self.now(), "node": result.get("node"),
@@ -174,6 +175,14 @@ class RunRecords:
             if e.status in OUTCOMES_EVALUATED:
                 self.evaluated += 1
         return done
+
+
+def result_fitness(result: dict) -> float | None:
+    """An evaluator's own fitness (a staged measure), else −log of its perplexity."""
+    value = result.get("fitness")
+    if value is None:
+        return fitness_from_perplexity(result.get("perplexity"))
+    return float(value) if math.isfinite(value) else None
 
 
 def _num(x):

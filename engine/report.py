@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from autoprune_ray.engine.config import RunConfig, from_dict
+from autoprune_ray.engine.promotion import promoted_ranking, promotion_seeds
 from autoprune_ray.engine.storage import RunStore
 from autoprune_ray.tasks import TaskPlugin, get_task
 
@@ -32,37 +33,54 @@ def load_tables(run_dir: str | Path) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
 def status(run_dir: str | Path) -> dict:
     """The run's summary; `corrupt_parts` names table parts that could not be read (set aside)."""
     config, _, store = open_run(run_dir)
-    out = summary(config, store.read("candidates"), store.read("evaluations"))
+    out = summary(config, store.read("candidates"), store.read("evaluations"), store.read("promotions"))
     corrupt = store.corrupt_parts()
     return out | ({"corrupt_parts": [str(p) for p in corrupt]} if corrupt else {})
 
 
-def summary(config: dict, cands: pd.DataFrame, evals: pd.DataFrame) -> dict:
+def summary(config: dict, cands: pd.DataFrame, evals: pd.DataFrame, promotions: pd.DataFrame | None = None) -> dict:
     out = {"run": config["name"], "candidates": len(cands),
            "candidate_status": cands.status.value_counts().to_dict() if len(cands) else {},
            "evaluation_status": evals.status.value_counts().to_dict() if len(evals) else {},
            "valid_rate": float((cands.status != "rejected").mean()) if len(cands) else 0.0,
            "best": None}
-    best = best_row(cands, evals)
+    best = best_row(cands, evals, promotions=promotions, config=config)
     if best is not None:
-        out["best"] = {"candidate_id": int(best.candidate_id), "perplexity": float(best.perplexity),
-                       "code": best.code}
+        out["best"] = {"candidate_id": int(best.candidate_id), "fitness": float(best.fitness),
+                       "perplexity": _float(best.perplexity), "promoted": bool(best.promoted), "code": best.code}
     return out
 
 
-def best_row(cands: pd.DataFrame, evals: pd.DataFrame, discovered_only: bool = False):
-    """The evaluated candidate with the lowest perplexity; `discovered_only` leaves out the seeds."""
-    if evals.empty or "perplexity" not in evals or evals.perplexity.dropna().empty:
-        return None
-    ok = evals[evals.status == "ok"].dropna(subset=["perplexity"])
-    if discovered_only:
-        seeds = set(cands[cands.operator == "seed"].candidate_id)
-        ok = ok[~ok.candidate_id.isin(seeds)]
-    if ok.empty:
-        return None
-    row = ok.loc[ok.perplexity.idxmin()]
+def best_row(cands: pd.DataFrame, evals: pd.DataFrame, discovered_only: bool = False,
+             promotions: pd.DataFrame | None = None, config: dict | None = None):
+    """The best evaluated candidate: after promotion (engine/promotion.py) the promoted best,
+    else the highest search-stage fitness; `discovered_only` leaves out the seeds."""
+    seeds = set(cands[cands.operator == "seed"].candidate_id) if discovered_only else set()
+    ranking = _promoted(promotions, config)
+    ranking = ranking[~ranking.candidate_id.isin(seeds)] if len(ranking) else ranking
+    if len(ranking):
+        row, promoted = ranking.iloc[0], True
+    else:
+        if evals.empty or evals.fitness.dropna().empty:
+            return None
+        ok = evals[(evals.status == "ok") & evals.fitness.notna() & ~evals.candidate_id.isin(seeds)]
+        if ok.empty:
+            return None
+        row, promoted = ok.loc[ok.fitness.idxmax()], False
     return cands.set_index("candidate_id").loc[int(row.candidate_id)].to_frame().T.assign(
-        candidate_id=int(row.candidate_id), perplexity=row.perplexity).iloc[0]
+        candidate_id=int(row.candidate_id), fitness=float(row.fitness), perplexity=_float(row.perplexity),
+        promoted=promoted).iloc[0]
+
+
+def _promoted(promotions: pd.DataFrame | None, config: dict | None) -> pd.DataFrame:
+    if promotions is None or promotions.empty or config is None:
+        return pd.DataFrame()
+    cfg = from_dict(RunConfig, config)
+    return promoted_ranking(promotions, promotion_seeds(cfg))
+
+
+def _float(x) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
 
 def lineage_of(cands: pd.DataFrame, evals: pd.DataFrame, candidate_id: int) -> list[dict]:
@@ -89,12 +107,11 @@ def plots(cands: pd.DataFrame, evals: pd.DataFrame, chain: list[dict], out: Path
     if len(ok):
         fig, ax = plt.subplots(figsize=(6, 3.5))
         order = evals.sort_values("finished").reset_index(drop=True)
-        # screened and failed evaluations leave the best so far unchanged (cummin keeps their NaN)
-        best = order.perplexity.where(order.status == "ok").cummin().ffill()
+        # screened and failed evaluations leave the best so far unchanged (cummax keeps their NaN)
+        best = order.fitness.where(order.status == "ok").cummax().ffill()
         ax.plot(range(1, len(order) + 1), best, drawstyle="steps-post")
         ax.set_xlabel("evaluations")
-        ax.set_ylabel("best held-out perplexity")
-        ax.set_yscale("log")
+        ax.set_ylabel("best validation fitness (higher is better)")
         fig.tight_layout()
         fig.savefig(out / "best_fitness.png", dpi=120)
         plt.close(fig)
@@ -142,16 +159,21 @@ def _runs(plugin: TaskPlugin, cfg: RunConfig, programs: list[tuple[str, str, str
 def compare_with_baselines(cfg: RunConfig, programs: list[tuple[str, str, str]], protocol,
                            baselines: list[str]) -> pd.DataFrame:
     """Re-measure programs (label, code, granularity) and the baselines under one protocol
-    (pruning: sequential statistics; quantization: one-pass statistics, the same budget)."""
+    (pruning: sequential statistics; quantization: one-pass statistics, the same budget), at each
+    of the run's levels (column `level`)."""
     from autoprune_ray.compress.measure import load_and_measure
 
     plugin = get_task(cfg.task)
+    levels = cfg.target.levels if plugin.leveled else [None]
+    runs = [("dense", None, None)] + [(label, compression, level) for level in levels for label, compression in
+                                      _runs(plugin, cfg.at_level(level) if level else cfg, programs, baselines)]
     rows, data = [], None   # the protocol's tokens, loaded by the first row
-    for label, compression in [("dense", None)] + _runs(plugin, cfg, programs, baselines):
+    for label, compression, level in runs:
         measured = load_and_measure(cfg.target.model, protocol, compression, device=cfg.target.device, data=data)
         data = measured.data
         amount = {plugin.amount: getattr(measured.result, plugin.amount)} if measured.result is not None else {}
-        rows.append({"method": label, **amount, "perplexity": measured.perplexity, **data.describe()})
+        rows.append({"level": level, "method": label, **amount, "perplexity": measured.perplexity,
+                     **data.describe()})
     return pd.DataFrame(rows)
 
 
@@ -161,8 +183,9 @@ def write_report(run_dir: str | Path, protocol=None, baselines: list[str] | None
     cands, evals = store.read("candidates"), store.read("evaluations")
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
-    st = summary(config, cands, evals)
-    best = best_row(cands, evals)
+    promotions = store.read("promotions")
+    st = summary(config, cands, evals, promotions)
+    best = best_row(cands, evals, promotions=promotions, config=config)
     chain = lineage_of(cands, evals, int(best.candidate_id)) if best is not None else []
     images = plots(cands, evals, chain, out)
     lines = [f"# Run `{config['name']}`", "",
@@ -172,23 +195,24 @@ def write_report(run_dir: str | Path, protocol=None, baselines: list[str] | None
     if best is None:
         lines.append("No candidate reached a perplexity measurement.")
     else:
-        lines += [f"## Best program (#{int(best.candidate_id)}, search-time perplexity {best.perplexity:.3f})", "",
+        lines += [f"## Best program (#{int(best.candidate_id)}, {_measured_text(best)})", "",
                   "```python", best.code.rstrip(), "```", "", "## Its lineage", ""]
         lines += [f"{i + 1}. #{n['candidate_id']} ({n['operator']}), perplexity "
                   f"{n['perplexity'] if n['perplexity'] is None else round(n['perplexity'], 3)}"
                   for i, n in enumerate(chain)]
         programs = [("best program", best.code, best.granularity or "row")]
-        discovered = best_row(cands, evals, discovered_only=True)
+        discovered = best_row(cands, evals, discovered_only=True, promotions=promotions, config=config)
         if best.operator == "seed" and discovered is not None:
             lines += ["", f"The best program is an expert seed. The best program the search found itself is "
-                          f"#{int(discovered.candidate_id)} ({discovered.operator}, search-time perplexity "
-                          f"{discovered.perplexity:.3f}):", "", "```python", discovered.code.rstrip(), "```"]
+                          f"#{int(discovered.candidate_id)} ({discovered.operator}, {_measured_text(discovered)}):",
+                      "", "```python", discovered.code.rstrip(), "```"]
             programs.append(("best discovered", discovered.code, discovered.granularity or "row"))
         if protocol is not None:
             # parsed only here: a report without the comparison reads any run's config
             lines += _comparison(from_dict(RunConfig, config), programs, protocol,
                                  baselines or list(plugin.baselines), out)
         lines += _rank_correlation(evals, best)
+    lines += promotion_section(promotions)
     lines += policy_section(store, cands)
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return out / "report.md"
@@ -200,8 +224,10 @@ def _comparison(cfg: RunConfig, programs, protocol, baselines: list[str], out: P
     plugin = get_task(cfg.task)
     how = plugin.protocol_note(cfg)
     first = table.iloc[0]
-    return ["", "## Re-measured beside the baselines", "", _markdown(table[["method", plugin.amount, "perplexity"]]),
-            "", _verdict(table), "",
+    columns = (["level"] if plugin.leveled else []) + ["method", plugin.amount, "perplexity"]
+    verdicts = [_verdict(table[(table.level == level) | (table.method == "dense")])
+                for level in table.level.dropna().unique()] if plugin.leveled else [_verdict(table)]
+    return ["", "## Re-measured beside the baselines", "", _markdown(table[columns]), "", *verdicts, "",
             f"Protocol: {first.nsamples}×{first.seqlen} calibration tokens of {first.calib_data}, {how}, "
             f"{first.eval_tokens} held-out tokens of {first.eval_data}."]
 
@@ -218,6 +244,19 @@ def _rank_correlation(evals: pd.DataFrame, best) -> list[str]:
                 f"{ok.spearman.median():.3f}, max {ok.spearman.max():.3f}; the rank correlation between a "
                 f"proxy's Spearman and its perplexity is {ok.spearman.corr(ok.perplexity, method='spearman'):.3f} "
                 f"(negative: proxies that rank layers better build better models)."]
+
+
+def _measured_text(row) -> str:
+    where = "promoted: validation perplexity under two calibration seeds" if row.promoted else "search stage"
+    ppl = f", perplexity {row.perplexity:.3f}" if row.perplexity is not None else ""
+    return f"{where}, fitness {row.fitness:.4f}{ppl}"
+
+
+def promotion_section(promotions: pd.DataFrame) -> list[str]:
+    if promotions.empty:
+        return []
+    return ["", "## Promotion: the fittest programs measured again (validation split)", "",
+            _markdown(promotions[["candidate_id", "seed", "tokens", "status", "perplexity", "levels"]])]
 
 
 def policy_section(store: RunStore, cands: pd.DataFrame) -> list[str]:
@@ -264,7 +303,8 @@ def _verdict(table: pd.DataFrame) -> str:
     if others.empty:
         return ""
     champion = others.loc[others.perplexity.idxmin()]
+    at = f"At sparsity {table.level.dropna().iloc[0]:g}: " if "level" in table and table.level.notna().any() else ""
     if ours < champion.perplexity:
-        return f"The {label} beats the best baseline ({champion.method}, {champion.perplexity:.3f}) by " \
+        return f"{at}The {label} beats the best baseline ({champion.method}, {champion.perplexity:.3f}) by " \
                f"{(1 - ours / champion.perplexity):.1%}."
-    return f"The {label} does not beat {champion.method} ({ours:.3f} vs {champion.perplexity:.3f})."
+    return f"{at}The {label} does not beat {champion.method} ({ours:.3f} vs {champion.perplexity:.3f})."

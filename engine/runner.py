@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 
 import ray
 
@@ -95,6 +96,7 @@ def run_search(cfg: RunConfig, resume: bool = False, progress: bool = True) -> d
     try:
         reason = _loop(search, pool)
         _drain_and_close(search, pool)
+        _promote(search, pool)
         summary = search.summary() | {"stop_reason": reason, "evaluator_restarts": pool.restarts}
         search.store.save_checkpoint({"summary": summary, "next_id": search.next_id})
     finally:
@@ -291,6 +293,50 @@ def _drain_and_close(search: Search, pool: ActorPool) -> None:
         # Left as accepted and unevaluated: a resumed run evaluates them, so no program is lost to a stop.
         log.info("%d accepted candidates are pending evaluation", len(search.queue))
     search.store.flush()
+
+
+def _promote(search: Search, pool: ActorPool) -> None:
+    """Measure the fittest programs again (engine/promotion.py) on the evaluators, each
+    measurement recorded as it ends; bounded by four times the evaluation time limit each."""
+    jobs = deque(search.promotion_jobs())
+    if jobs:
+        log.info("promotion: %d measurements of the fittest programs", len(jobs))
+    limit = 4 * search.cfg.search.eval_time_limit
+    while jobs or any(c.kind == "promote" for c in pool.inflight.values()):
+        while pool.idle and jobs:
+            worker, job = pool.idle.pop(), jobs.popleft()
+            pool.inflight[pool.evaluators[worker].evaluate.remote(job)] = Inflight("promote", worker, time.time(), job)
+        if not pool.inflight:   # every evaluator is gone for good
+            for job in jobs:
+                search.record_promotion(job, {"status": "failed", "reason": "no evaluator left"})
+            break
+        ready, _ = ray.wait(list(pool.inflight), num_returns=1, timeout=1.0)
+        for ref in ready:
+            _collect_promotion(search, pool, ref, pool.inflight.pop(ref))
+        for ref, call in list(pool.inflight.items()):
+            if call.kind == "promote" and time.time() - call.started > limit:
+                del pool.inflight[ref]
+                ray.kill(pool.evaluators[call.worker], no_restart=False)
+                search.record_promotion(call.payload, {"status": "timeout", "reason": f"exceeded {limit:.0f} s"})
+                _ping_later(pool, call.worker)
+    search.store.flush()
+
+
+def _collect_promotion(search: Search, pool: ActorPool, ref, call: Inflight) -> None:
+    if call.kind == "ping":
+        pool.idle.add(call.worker)
+    if call.kind != "promote":
+        return
+    try:
+        result = ray.get(ref)
+        pool.idle.add(call.worker)
+    except ray.exceptions.RayActorError as exc:
+        result = {"status": "failed", "reason": f"evaluator died: {type(exc).__name__}"}
+        _ping_later(pool, call.worker)
+    except ray.exceptions.RayTaskError as exc:
+        result = {"status": "failed", "reason": f"evaluator error: {exc}"[:500]}
+        pool.idle.add(call.worker)
+    search.record_promotion(call.payload, result)
 
 
 class _Progress:

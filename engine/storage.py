@@ -47,7 +47,12 @@ SCHEMAS = {
     "evaluations": pa.schema([("candidate_id", _INT), ("hash", _STR), ("status", _STR), ("proxy", _FLOAT),
                               ("perplexity", _FLOAT), ("fitness", _FLOAT),
                               ("seconds", _FLOAT), ("worker", _INT), ("reason", _STR), ("attempts", _INT),
-                              ("finished", _FLOAT), ("node", _STR)]),   # + the task plug-in's columns
+                              ("finished", _FLOAT), ("node", _STR), ("kl", _FLOAT),
+                              ("levels", _STR)]),   # + the task plug-in's columns
+    # the fittest programs re-measured when a search stops (engine/promotion.py)
+    "promotions": pa.schema([("candidate_id", _INT), ("hash", _STR), ("seed", _INT), ("tokens", _INT),
+                             ("status", _STR), ("perplexity", _FLOAT), ("fitness", _FLOAT), ("levels", _STR),
+                             ("seconds", _FLOAT), ("reason", _STR), ("finished", _FLOAT)]),
     "lineage": pa.schema([("child_id", _INT), ("parent_id", _INT), ("operator", _STR)]),
     "prompts": pa.schema([("prompt_id", _INT), ("operator", _STR), ("island", _INT), ("prompt", _STR),
                           ("completion", _STR), ("tokens", _INT), ("seconds", _FLOAT), ("adapter", _STR),

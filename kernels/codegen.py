@@ -7,9 +7,9 @@ the whole matrix, so the host computes them with the torch reference before laun
 kernel reads them like any other per-row or per-column input.
 
 Semantics are those of `tree.expr` (guarded division, sqrt of |x|, ...) and `kernels.select`
-(the k lowest scores of a row are pruned, equal scores left to right; N:M keeps the stable-sort
-order). Only `triton.language` operations the interpreter also supports are used, so CPU tests
-exercise the very code a GPU runs.
+(row r prunes its k_r lowest scores, equal scores left to right, with the per-row counts that
+`row_mask` documents; N:M keeps the stable-sort order). Only `triton.language` operations the
+interpreter also supports are used, so CPU tests exercise the very code a GPU runs.
 """
 from __future__ import annotations
 
@@ -212,9 +212,11 @@ def _kth_key(key, k, VALID):
 _ROWS_KERNEL = '''
 
 @triton.jit
-def prune_rows({args}mask_ptr, w_ptr, out_ptr, score_ptr, bad_ptr, cols, k,
+def prune_rows({args}mask_ptr, w_ptr, out_ptr, score_ptr, bad_ptr, cols, k, extra_rows,
                BLOCK: tl.constexpr, WRITE_OUT: tl.constexpr, WRITE_SCORE: tl.constexpr):
     ROW = tl.program_id(0).to(tl.int64)
+    # the first extra_rows rows prune one more, so the layer prunes round(rows·cols·s) exactly
+    row_k = k + (ROW < extra_rows).to(tl.int64)
     BASE = ROW * cols
     OFFS = tl.arange(0, BLOCK)
     VALID = OFFS < cols
@@ -223,13 +225,13 @@ def prune_rows({args}mask_ptr, w_ptr, out_ptr, score_ptr, bad_ptr, cols, k,
     if bad > 0:
         tl.atomic_add(bad_ptr, bad)
     key = _order_key(score, VALID)
-    kth, exact = _kth_key(key, k, VALID)
+    kth, exact = _kth_key(key, row_k, VALID)
     if exact:
         prune = key <= kth
     else:   # ties straddle the k-th key: prune them left to right, as a stable sort would
         below = key < kth
         ties = key == kth
-        room = k - tl.sum(below.to(tl.int32))
+        room = row_k - tl.sum(below.to(tl.int32))
         prune = below | (ties & (tl.cumsum(ties.to(tl.int32), axis=0) <= room))
     _store(prune, score, mask_ptr, w_ptr, out_ptr, score_ptr, BASE + OFFS, VALID, WRITE_OUT, WRITE_SCORE)
 '''

@@ -23,7 +23,7 @@ import torch
 from autoprune_ray.tree import expr
 from .codegen import Leaf, generate
 from autoprune_ray.tree.expr import COLVEC, MATRIX, ROWVEC, SCALAR, Node, Shape
-from .select import check_sparsity, nm_mask, prune_count, row_mask
+from .select import nm_mask, row_mask, row_split
 
 BACKENDS = ("auto", "torch", "triton")
 MAX_KERNEL_COLS = 1 << 20
@@ -130,9 +130,10 @@ def triton_mask(tree: Node, env: dict[str, torch.Tensor], sparsity: float, nm: t
         module.prune_nm[(rows,)](*inputs, *tail, cols, cols // m, N=n, M=m, BLOCK_G=block_g,
                                  num_warps=num_warps or _num_warps(block_g * m), **writes)
     else:
-        k = prune_count(cols, check_sparsity(sparsity))
+        k, extra_rows = row_split(rows, cols, sparsity)
         block = triton.next_power_of_2(cols)
-        module.prune_rows[(rows,)](*inputs, *tail, cols, k, BLOCK=block, num_warps=num_warps or _num_warps(block), **writes)
+        module.prune_rows[(rows,)](*inputs, *tail, cols, k, extra_rows, BLOCK=block,
+                                   num_warps=num_warps or _num_warps(block), **writes)
     n_bad = 0 if bad_count is not None else int(bad.item())
     if n_bad:
         raise FloatingPointError(f"program score has {n_bad} NaN/Inf values of {rows * cols}")

@@ -12,16 +12,33 @@ def check_sparsity(sparsity: float) -> float:
 
 
 def prune_count(total: int, sparsity: float) -> int:
+    """round(total·s), halves to even (Python's round): the one rounding rule of every selection."""
     return int(round(total * sparsity))
 
 
+def row_split(rows: int, cols: int, sparsity: float) -> tuple[int, int]:
+    """(k, extra): the first `extra` rows of a [rows, cols] layer prune k + 1 weights, the rest k."""
+    total = prune_count(rows * cols, check_sparsity(sparsity))
+    return divmod(total, max(rows, 1))
+
+
 def row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Prune the `round(in·s)` lowest scores of every output row (Wanda, RIA).
+    """Prune the lowest scores of every output row (Wanda, RIA), exactly `round(rows·cols·s)` in all.
+
+    The contract: the layer prunes T = prune_count(rows·cols, s) weights; row r prunes
+    T // rows + (1 if r < T % rows else 0), so the first `T % rows` rows prune one more and no two
+    rows differ by more than one. Where s·cols is whole (50% of an even width) every row prunes
+    s·cols, as Wanda does. The fused kernel reproduces this mask bit for bit.
 
     Equal scores are pruned left to right, exactly as Wanda's `torch.sort(stable=True)` does,
     but in O(in) per row: the k-th value by selection, then the leftmost ties up to the count."""
-    k = prune_count(score.shape[1], check_sparsity(sparsity))
-    if k == 0:
+    k, extra = row_split(score.shape[0], score.shape[1], sparsity)
+    return torch.cat([lowest_in_rows(score[:extra], k + 1), lowest_in_rows(score[extra:], k)])
+
+
+def lowest_in_rows(score: torch.Tensor, k: int) -> torch.Tensor:
+    """The k lowest scores of every row, equal scores left to right."""
+    if k == 0 or score.shape[0] == 0:
         return torch.zeros_like(score, dtype=torch.bool)
     kth = score.kthvalue(k, dim=1, keepdim=True).values
     below = score < kth

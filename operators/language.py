@@ -19,7 +19,9 @@ Where the text comes from decides what surrounds the function:
     function: prose around the fence is fine): one function, and outside it nothing but a docstring,
     comments and imports of torch, numpy, math or typing. Any other top-level statement
     (`import os`, `os.system(...)`) is rejected.
-In both, the program is exactly one function: a second definition is rejected, helper functions
+In both, the program is exactly one function per part of its task: one for prune, allocate and
+mpq; two for `joint` (a metric `def score(...)` and a layer-wise allocation `def allocate(...)`,
+told apart by name, else by their parameters). A further definition is rejected, helper functions
 are not inlined (the LLM is told to inline them), and decorators are rejected. Annotations are
 checked, never evaluated: on parameters, the return and local assignments they may only name a
 type (`torch.Tensor`, `float`, `Optional[Tensor]`, `"Tensor"`). Lines end where Python's tokenizer
@@ -41,29 +43,46 @@ from autoprune_ray.operators.parser import (MAX_CONST, MAX_DEPTH, MAX_EXPONENT, 
                                             CandidateError, check_constant, parse_function, snippet)
 from autoprune_ray.operators.specs import SPECS, LanguageSpec
 
-__all__ = ["Candidate", "CandidateError", "parse", "extract_function", "check_tree", "tree_hash", "MAX_CONST",
-           "MAX_DEPTH", "MAX_EXPONENT", "MAX_NODES", "MAX_SOURCE_CHARS"]
+__all__ = ["Candidate", "CandidateError", "parse", "parse_file", "extract_function", "check_tree", "tree_hash",
+           "TASK_PARTS", "MAX_CONST", "MAX_DEPTH", "MAX_EXPONENT", "MAX_NODES", "MAX_SOURCE_CHARS"]
+
+# What a task's program is made of: the language spec of each of its functions, in file order.
+TASK_PARTS: dict[str, tuple[str, ...]] = {"prune": ("prune",), "allocate": ("allocate",), "mpq": ("mpq",),
+                                          "joint": ("prune", "allocate")}
 
 
 @dataclass(frozen=True)
 class Candidate:
     task: str
-    tree: Node            # canonical tree: what is hashed is what runs
+    tree: Node            # canonical tree of the first part: what is hashed is what runs
     source: str
     granularity: str = "row"
+    allocation: Node | None = None   # task joint: the layer-wise allocation beside the metric `tree`
+
+    @property
+    def parts(self) -> dict[str, Node]:
+        """Language spec name -> canonical tree, one per function of the program."""
+        return dict(zip(TASK_PARTS[self.task], (self.tree, self.allocation)))
 
     @property
     def hash(self) -> str:
-        return tree_hash(self.tree)
+        return tree_hash(*self.parts.values())
 
     @property
     def code(self) -> str:
-        return pretty(self.tree, SPECS[self.task])
+        return "\n\n".join(pretty(tree, SPECS[name]) for name, tree in self.parts.items())
 
     @property
     def inputs(self) -> list[str]:
-        used = expr.inputs_of(self.tree)
-        return [name for name in SPECS[self.task].inputs if name in used]
+        return [name for part, tree in self.parts.items() for name in SPECS[part].inputs
+                if name in expr.inputs_of(tree)]
+
+    def with_part(self, part: str, tree: Node) -> "Candidate":
+        """This program with the function of language `part` replaced (its other parts kept)."""
+        trees = {**self.parts, part: tree}
+        first, *rest = trees.values()
+        new = Candidate(self.task, first, "", self.granularity, rest[0] if rest else None)
+        return Candidate(self.task, first, new.code, self.granularity, new.allocation)
 
 
 # ---------------------------------------------------------------- the text around the function
@@ -83,22 +102,33 @@ def _lines(text: str) -> list[str]:
 
 
 def extract_function(text: str, task: str = "prune") -> str:
-    """The one function definition in a chatty completion: from the first code fence that defines
-    a function, or from the whole text. A second definition there is rejected."""
+    """The function definitions of a chatty completion (one per part of the task): from the first
+    code fence that defines a function, or from the whole text. A further definition is rejected;
+    prose between two definitions is dropped."""
     lines = _lines(text)
     blocks = [block.split("\n") for block in _FENCE.findall("\n".join(lines))]
     lines = next((block for block in blocks if _definitions(block)), lines)
     starts = _definitions(lines)
     if not starts:
-        example = SPECS[task].example if task in SPECS else SPECS["prune"].example
-        raise CandidateError(f"no function definition found: write `{example}`")
-    first, end = _definition_span(lines, starts[0])
-    later = [i for i in starts if i >= end]
-    if later:
-        raise CandidateError(_second_definition(lines[later[0]].strip(_INDENT)))
-    indent = _indent(lines[starts[0]])
-    body = [line[indent:] if not line[:indent].strip(_INDENT) else line.lstrip(_INDENT) for line in lines[first:end]]
+        raise CandidateError(f"no function definition found: write `{_example(task)}`")
+    spans = []
+    for start in starts:
+        if spans and start < spans[-1][1]:
+            continue   # a definition inside a body: the parser rejects it with its reason
+        if len(spans) == len(TASK_PARTS.get(task, ("prune",))):
+            raise CandidateError(_second_definition(lines[start].strip(_INDENT), len(spans)))
+        spans.append(_definition_span(lines, start))
+    return "\n\n".join(_dedent(lines[first:end], _indent(lines[first])) for first, end in spans)
+
+
+def _dedent(lines: list[str], indent: int) -> str:
+    body = [line[indent:] if not line[:indent].strip(_INDENT) else line.lstrip(_INDENT) for line in lines]
     return "\n".join(body).rstrip() + "\n"
+
+
+def _example(task: str) -> str:
+    """How a task's program looks, e.g. `def score(W, A): return ...` (the reasons quote it)."""
+    return "` and `".join(SPECS[part].example for part in TASK_PARTS.get(task, ("prune",)))
 
 
 def _definitions(lines: list[str]) -> list[int]:
@@ -128,25 +158,59 @@ def _indent(line: str) -> int:
     return len(line) - len(line.lstrip(_INDENT))
 
 
-def _second_definition(line: str) -> str:
+def _second_definition(line: str, count: int = 1) -> str:
     shown = line if len(line) <= 60 else line[:57] + "..."
+    if count > 1:
+        return (f"write exactly {count} functions: `{shown}` is one more. Helper functions are not "
+                "supported: inline them")
     return (f"write exactly one function: `{shown}` is a second definition. Helper functions are not "
             "supported: inline them into the one function")
 
 
-def _the_function(module: ast.Module, task: str) -> ast.FunctionDef:
-    """The module's one function; beside it only docstrings and imports of torch & co."""
+def _the_functions(module: ast.Module, task: str) -> list[ast.FunctionDef]:
+    """The module's functions, one per part of the task; beside them only docstrings and imports
+    of torch & co."""
     functions = [stmt for stmt in module.body if isinstance(stmt, ast.FunctionDef)]
     stray = [stmt for stmt in module.body if not isinstance(stmt, ast.FunctionDef) and not _declarative(stmt)]
     if stray:
         raise CandidateError(f"top-level statement `{snippet(stray[0])}` (line {stray[0].lineno}) "
-                             "is not allowed: a program is one function, with nothing outside it but a "
+                             "is not allowed: a program is its function(s), with nothing outside but a "
                              "docstring and imports of torch, numpy, math or typing")
-    if len(functions) > 1:
-        raise CandidateError(_second_definition(f"def {functions[1].name}(...)"))
+    count = len(TASK_PARTS[task])
+    if len(functions) > count:
+        raise CandidateError(_second_definition(f"def {functions[count].name}(...)", count))
     if not functions:
-        raise CandidateError(f"no function definition found: write `{SPECS[task].example}`")
-    return functions[0]
+        raise CandidateError(f"no function definition found: write `{_example(task)}`")
+    return functions
+
+
+def _part_of(fn: ast.FunctionDef, parts: tuple[str, ...]) -> str:
+    """Which part a function of a multi-part program is: by its name, else by its parameters."""
+    name = fn.name.lower()
+    for part in parts:
+        if SPECS[part].function in name or part in name:
+            return part
+    params = [a.arg for a in fn.args.args]
+    fits = [part for part in parts if params and all(SPECS[part].canonical_input(p) for p in params)]
+    return fits[0] if len(fits) == 1 else parts[0]
+
+
+def _function_trees(functions: list[ast.FunctionDef], task: str) -> dict[str, Node]:
+    """Each function parsed in its part's language; every part present exactly once."""
+    parts = TASK_PARTS[task]
+    if len(parts) == 1:
+        return {parts[0]: parse_function(functions[0], SPECS[parts[0]])}
+    trees: dict[str, Node] = {}
+    for fn in functions:
+        part = _part_of(fn, parts)
+        if part in trees:
+            raise CandidateError(f"two functions look like the {SPECS[part].function} part; write "
+                                 f"`{_example(task)}`")
+        trees[part] = parse_function(fn, SPECS[part])
+    missing = [SPECS[p].function for p in parts if p not in trees]
+    if missing:
+        raise CandidateError(f"the `{missing[0]}` function is missing: a {task} program is `{_example(task)}`")
+    return trees
 
 
 def _declarative(stmt: ast.stmt) -> bool:
@@ -165,10 +229,10 @@ def _declarative(stmt: ast.stmt) -> bool:
 def parse(text: str, task: str = "prune", granularity: str = "row", *, strict: bool = False) -> Candidate:
     """Parse an LLM completion (or, with strict=True, a program file) into a canonical
     candidate, or raise CandidateError with the reason. Nothing else escapes."""
-    if task not in SPECS:
+    if task not in TASK_PARTS:
         raise CandidateError(f"unknown task {task!r}")
     try:
-        return _parse(text, SPECS[task], granularity, strict)
+        return _parse(text, task, granularity, strict)
     except CandidateError:
         raise
     except (RecursionError, MemoryError):
@@ -184,14 +248,29 @@ def _file_program(text: str) -> str:
     return next((block for block in _FENCE.findall(text) if _definitions(block.split("\n"))), text)
 
 
-def _parse(text: str, spec: LanguageSpec, granularity: str, strict: bool) -> Candidate:
-    source = _file_program(text) if strict else extract_function(text, spec.name)
+def _parse(text: str, task: str, granularity: str, strict: bool) -> Candidate:
+    source = _file_program(text) if strict else extract_function(text, task)
     if len(source) > MAX_SOURCE_CHARS:
         raise CandidateError(f"program too long: {len(source)} characters, at most {MAX_SOURCE_CHARS}")
-    function = _the_function(_syntax_tree(source), spec.name)
-    tree = canonicalize(parse_function(function, spec))
-    check_tree(tree, spec)
-    return Candidate(task=spec.name, tree=tree, source=source, granularity=granularity)
+    trees = _function_trees(_the_functions(_syntax_tree(source), task), task)
+    for part, tree in trees.items():
+        trees[part] = canonicalize(tree)
+        check_tree(trees[part], SPECS[part])
+    first, *rest = (trees[part] for part in TASK_PARTS[task])
+    return Candidate(task=task, tree=first, source=source, granularity=granularity,
+                     allocation=rest[0] if rest else None)
+
+
+def parse_file(text: str, granularity: str = "row") -> Candidate:
+    """A pruning program file whose task follows from what it defines: a metric (prune), an
+    allocation (allocate), or both (joint). Strict, as `parse(..., strict=True)`."""
+    try:
+        functions = _the_functions(_syntax_tree(_file_program(text)), "joint")
+    except CandidateError:
+        return parse(text, "prune", granularity, strict=True)   # its reason, in the metric's words
+    if len(functions) == 2:
+        return parse(text, "joint", granularity, strict=True)
+    return parse(text, _part_of(functions[0], TASK_PARTS["joint"]), granularity, strict=True)
 
 
 def _syntax_tree(source: str) -> ast.Module:
@@ -252,5 +331,6 @@ def _check_sensitivity(tree: Node, shape: Shape) -> None:
                              "otherwise every bit width looks the same")
 
 
-def tree_hash(tree: Node) -> str:
-    return hashlib.sha256(expr.to_string(tree).encode()).hexdigest()[:16]
+def tree_hash(*trees: Node) -> str:
+    """A program's identity: its canonical trees (one per part). A one-part program hashes as before."""
+    return hashlib.sha256("\n".join(expr.to_string(t) for t in trees).encode()).hexdigest()[:16]

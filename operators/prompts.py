@@ -39,14 +39,19 @@ Division, sqrt and pow are guarded against zero; log is not allowed (use log1p).
 variables; end with one return. No loops, if, imports or other functions.
 Limits: at most {MAX_NODES} operations, {MAX_DEPTH} levels of nesting, constants up to {MAX_CONST:g}."""
 
+OUTPUT_RULE = "Answer with ONE python function in a ```python fence. No prose needed."
+
+
 @dataclass(frozen=True)
 class TaskPrompts:
     """What a task plug-in tells the policy: the language preamble every prompt opens with, the
-    noun for one program ("metric", "proxy"), and the ask for a program from scratch."""
+    noun for one program ("metric", "proxy"), the ask for a program from scratch, the system
+    prompt, and the required output (one function, or both functions of a joint program)."""
     preamble: str
     noun: str
     from_scratch: str
     system: str = "You write short Python functions in a restricted expression language."
+    output: str = OUTPUT_RULE
 
 
 def system_prompt(programs: str) -> str:
@@ -61,7 +66,12 @@ def preamble_text(intro: str, spec: LanguageSpec, result_rule: str, example: str
             f"Format example (syntax only, not a good {example[0]}):\n```python\n{example[1].strip()}\n```")
 
 
-OUTPUT_RULE = "Answer with ONE python function in a ```python fence. No prose needed."
+def joint_preamble_text(intro: str, parts: list[tuple[str, LanguageSpec, str]], example: str) -> str:
+    """The preamble of a program of several functions: each part's inputs and rule, then one example."""
+    inputs = "\n".join(f"{title} (take only those you use as parameters):\n{_inputs(spec)}\n{rule}"
+                        for title, spec, rule in parts)
+    return (f"{intro}\n\n{inputs}\nVectors broadcast against [out, in] matrices.\n{_RULES}\n"
+            f"Format example (syntax only, not a good program):\n```python\n{example.strip()}\n```")
 
 
 # ---------------------------------------------------------------- helpers
@@ -141,8 +151,8 @@ def feedback_lines(rejections: list[tuple[str, str]]) -> list[str]:
 
 def _with_feedback(task: TaskPrompts, body: str, feedback: list[str]) -> str:
     head = task.preamble
-    room = min(FEEDBACK_CHARS, _room(head, body, OUTPUT_RULE))
-    return _assemble(head, body, _feedback_section(list(feedback), room), OUTPUT_RULE)
+    room = min(FEEDBACK_CHARS, _room(head, body, task.output))
+    return _assemble(head, body, _feedback_section(list(feedback), room), task.output)
 
 
 def init_prompt(examples: list[tuple[str, float | None]], feedback: list[str], task: TaskPrompts) -> str:
@@ -231,12 +241,12 @@ def gcot_prompt(graph: LineageGraph, task: TaskPrompts) -> str:
     ask = ("First reason briefly along the edges: which code change raised fitness, which lowered it, and why. "
            f"Then write the next {noun}, one that should beat the best so far.")
     rejected = _feedback_section(list(graph.rejections)[:5], 600)
-    room = _room(head_text, head, rejected, ask, OUTPUT_RULE) - 80
+    room = _room(head_text, head, rejected, ask, task.output) - 80
     edges = [_edge_text(e, nodes) for e in graph.edges if e.parent_id in nodes and e.child_id in nodes]
     edges = _fit_newest(edges, room)
     lineage = (f"How the {noun}s evolved (fitness: higher is better), each edge with its code diff:\n" +
                "\n".join(edges)) if edges else ""
-    return _assemble(head_text, head, lineage, rejected, ask, OUTPUT_RULE)
+    return _assemble(head_text, head, lineage, rejected, ask, task.output)
 
 
 _FENCED = re.compile(r"```python\n(.*?)```", re.S)

@@ -1,6 +1,7 @@
-"""Expert seeds written in the candidate language. Each reproduces a compress/ baseline exactly:
-the same mask for a score seed, the same block sparsities for an allocation seed, the same
-per-(layer, bits) sensitivities for a mixed-precision seed."""
+"""Expert seeds written in the candidate language. A score seed gives the same mask as its
+compress/ baseline and a mixed-precision seed the same per-(layer, bits) sensitivities. The
+allocation seeds are the published allocations' rules applied per linear layer (the rows of an
+allocation program), so OWL and AlphaPruning-style seeds differ from the per-block baselines."""
 from __future__ import annotations
 
 from autoprune_ray.operators.language import Candidate, parse
@@ -18,8 +19,12 @@ SCORE_SEEDS = {
 
 ALLOCATION_SEEDS = {
     "uniform": "def allocate(depth):\n    return 0 * depth\n",
-    # OWL: blocks with more outliers keep more weights (λ here = 2 · OWL's λ)
+    # OWL's rule per linear, not per block as published: layers with more outliers keep more weights
+    # (with equal layer sizes the map is OWL's with λ here = 2 · OWL's λ)
     "owl": "def allocate(outlier):\n    return -outlier\n",
+    # AlphaPruning's rule per linear (its layer-wise mapping): a higher alpha, a less heavy-tailed
+    # spectrum (less well trained), is pruned more
+    "alpha": "def allocate(alpha):\n    return alpha\n",
 }
 
 

@@ -41,17 +41,33 @@ PRUNE = LanguageSpec(
               "d": "layer depth fraction in [0, 1] (scalar)"},
 )
 
-# Layer-wise allocation (SDSA): per-layer statistics are vectors over layers, laid out as [L, 1].
+# Layer-wise allocation (SDSA): one row per prunable linear layer (block-major, the block's linears
+# in model order: q, k, v, o, gate, up, down for LLaMA), each input laid out as [N, 1].
 _LAYERS = Shape(True, False)
+_ROLES = {"q": ("query", "q_proj", "attn_q", "is_query"), "k": ("key", "k_proj", "attn_k", "is_key"),
+          "v": ("value", "v_proj", "attn_v", "is_value"),
+          "o": ("o_proj", "out_proj", "attn_o", "attn_out", "is_out", "is_output"),
+          "gate": ("gate", "gate_proj", "mlp_gate"), "up": ("up", "up_proj", "mlp_up"),
+          "down": ("down", "down_proj", "mlp_down")}
+_ROLE_WORDS = {"q": "attention query", "k": "attention key", "v": "attention value", "o": "attention output",
+               "gate": "MLP gate", "up": "MLP up", "down": "MLP down"}
 ALLOCATE = LanguageSpec(
     name="allocate",
-    inputs={"skew": _LAYERS, "kurt": _LAYERS, "outlier": _LAYERS, "depth": _LAYERS, "size": _LAYERS},
+    inputs={"skew": _LAYERS, "kurt": _LAYERS, "outlier": _LAYERS, "alpha": _LAYERS, "depth": _LAYERS,
+            "size": _LAYERS, "sens": _LAYERS, **{f"is_{role}": _LAYERS for role in _ROLES}},
     aliases={"skewness": "skew", "kurtosis": "kurt", "outlier_ratio": "outlier", "outliers": "outlier",
-             "d": "depth", "depth_frac": "depth", "numel": "size", "n_params": "size"},
+             "pl_alpha": "alpha", "alpha_hill": "alpha", "pl_alpha_hill": "alpha", "hill_alpha": "alpha",
+             "esd_alpha": "alpha", "tail_alpha": "alpha", "d": "depth", "depth_frac": "depth",
+             "numel": "size", "n_params": "size", "params": "size", "param_share": "size",
+             "sensitivity": "sens", "recon_error": "sens", "reconstruction_error": "sens", "wanda_error": "sens",
+             **{alias: f"is_{role}" for role, names in _ROLES.items() for alias in names}},
     result_must_vary="rows",
-    describe={"skew": "skewness of the layer's Wanda scores", "kurt": "excess kurtosis of the scores",
-              "outlier": "share of scores above 5× their mean (OWL's D)", "depth": "depth fraction",
-              "size": "layer's share of parameters"},
+    describe={"skew": "skewness of the layer's Wanda scores |W|·||X||", "kurt": "excess kurtosis of those scores",
+              "outlier": "share of those scores above 5× their mean (OWL's D)",
+              "alpha": "heavy-tail exponent of the weight spectrum (AlphaPruning; lower = better trained)",
+              "depth": "depth fraction of the layer's block in [0, 1]", "size": "layer's share of all parameters",
+              "sens": "relative output error ||ΔW X||²/||W X||² of Wanda-pruning this layer alone at the target",
+              **{f"is_{role}": f"1 if {words}, else 0" for role, words in _ROLE_WORDS.items()}},
     function="allocate",
     example="def allocate(outlier): return ...",
 )

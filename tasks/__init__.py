@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from autoprune_ray.tasks.allocate import AllocateTask
 from autoprune_ray.tasks.base import TaskPlugin
+from autoprune_ray.tasks.joint import JointTask
 from autoprune_ray.tasks.mpq import MPQTask
 from autoprune_ray.tasks.prune import PruneTask
 
-_PLUGINS: tuple[TaskPlugin, ...] = (PruneTask(), AllocateTask(), MPQTask())
+_PLUGINS: tuple[TaskPlugin, ...] = (PruneTask(), AllocateTask(), JointTask(), MPQTask())
 TASKS: dict[str, TaskPlugin] = {plugin.name: plugin for plugin in _PLUGINS}
 
 

@@ -21,6 +21,7 @@ class TaskPlugin:
     columns: dict[str, pa.DataType] = {}       # evaluation columns it records beside the common ones
     baselines: tuple[str, ...] = ()            # what the report re-measures beside the best programs
     amount: str = "sparsity"                   # the report's column that says how much was compressed
+    leveled: bool = False                      # measured at each of target.levels (a pruning sparsity)
 
     def seeds(self) -> dict[str, Candidate]:
         """The expert programs a search starts from (search.seeds: true)."""

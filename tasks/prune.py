@@ -29,6 +29,7 @@ PROMPTS = TaskPrompts(
 class PruningTask(TaskPlugin):
     """What every task that prunes shares: its record, baselines and evaluator."""
     columns = {"sparsity": pa.float64()}
+    leveled = True
 
     def baseline_config(self, name: str, cfg) -> PruneConfig:
         return BaselineRun(name, cfg.target.sparsity, cfg.target.pattern).config()

@@ -76,4 +76,4 @@ def tiny_lm(tiny_model_dir):
 @pytest.fixture
 def tiny_data(tiny_lm, corpus_file):
     from autoprune_ray.compress.data import load_token_data
-    return load_token_data(tiny_lm.tokenizer, str(corpus_file), nsamples=6, seqlen=32, seed=0, eval_tokens=256)
+    return load_token_data(tiny_lm.tokenizer, str(corpus_file), nsamples=6, seqlen=32, seed=0, eval_tokens=256, val_tokens=256)

@@ -36,7 +36,7 @@ def cluster():
 def small_search(name: str, run_dir, tiny_model_dir, corpus_file, evaluations: int) -> dict:
     return {"name": name, "run_dir": str(run_dir),
               "target": {"model": str(tiny_model_dir), "calib_data": str(corpus_file), "nsamples": 4, "seqlen": 32,
-                         "eval_tokens": 128, "device": "cpu"},
+                         "val_tokens": 128, "device": "cpu"},
               "policy": {"backend": "scripted", "scripted": COMPLETIONS, "prompts_per_batch": 2,
                          "completions_per_prompt": 2},
               "search": {"islands": 2, "population_size": 6, "elites": 1, "max_evaluations": evaluations,

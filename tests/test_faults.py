@@ -30,7 +30,7 @@ def test_killed_driver_resumes_without_losing_or_repeating(tmp_path, tiny_model_
     config.write_text(yaml.safe_dump({
         "name": "killed", "run_dir": str(tmp_path / "{name}"),
         "target": {"model": str(tiny_model_dir), "calib_data": str(corpus_file), "nsamples": 4, "seqlen": 32,
-                   "eval_tokens": 128, "device": "cpu"},
+                   "val_tokens": 128, "device": "cpu"},
         "policy": {"backend": "scripted", "scripted": COMPLETIONS, "prompts_per_batch": 2, "completions_per_prompt": 2},
         "search": {"islands": 2, "population_size": 6, "elites": 1, "max_evaluations": 10, "max_seconds": scaled(600),
                    "eval_time_limit": scaled(120), "cascade": 100.0, "checkpoint_every": 1,

@@ -15,17 +15,17 @@ def test_program_fitness_matches_pruning_the_model(tiny_lm, tiny_data, tiny_mode
     from autoprune_ray.compress.models import load_model
     evaluator = PruneEvaluator(tiny_lm, tiny_data)
     seeds = score_seeds()
-    dense_ppl = perplexity(tiny_lm, tiny_data.evaluation, tiny_data.seqlen, progress=False)
+    dense_ppl = perplexity(tiny_lm, tiny_data.validation, tiny_data.seqlen, progress=False)
     screened = evaluator.screen(program(seeds["wanda"].tree))
     ppl = evaluator.perplexity(screened.value)
     # the same masks as one-pass Wanda through prune_model
     reference = load_model(str(tiny_model_dir), device="cpu")
     prune_model(reference, tiny_data, PruneConfig(method="wanda", sparsity=0.5, mode="one-pass"))
-    assert ppl == pytest.approx(perplexity(reference, tiny_data.evaluation, tiny_data.seqlen, progress=False),
+    assert ppl == pytest.approx(perplexity(reference, tiny_data.validation, tiny_data.seqlen, progress=False),
                                 rel=1e-6)
     assert screened.columns["sparsity"] == 0.5 and 0 < screened.proxy < 1
     # the evaluator restored the dense weights
-    assert perplexity(tiny_lm, tiny_data.evaluation, tiny_data.seqlen, progress=False) == dense_ppl
+    assert perplexity(tiny_lm, tiny_data.validation, tiny_data.seqlen, progress=False) == dense_ppl
 
 
 def test_proxy_ranks_wanda_above_random_scores(tiny_lm, tiny_data):

@@ -14,13 +14,29 @@ from autoprune_ray.tree import expr
 from autoprune_ray.tree.expr import call, inp
 from autoprune_ray.kernels.fused import (compiled_count, prune_mask, reference_mask, reference_score,
                                          resolve_backend, triton_mask)
-from autoprune_ray.kernels.select import nm_mask, prune_count, row_mask
+from autoprune_ray.kernels.select import nm_mask, row_mask
 from autoprune_ray.operators.language import parse
 from autoprune_ray.operators.seeds import score_seeds
 from autoprune_ray.operators.symbolic import random_tree
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 SEEDS = score_seeds()
+
+
+def expected_row_counts(rows: int, cols: int, sparsity: float) -> list[int]:
+    """row_mask's contract: round(s·rows·cols) in all, the first T % rows rows one more."""
+    total = round(rows * cols * sparsity)
+    return [total // rows + (r < total % rows) for r in range(rows)]
+
+
+def sorted_reference(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Each row's k_r lowest scores by a stable sort (equal scores left to right), -0.0 equal to 0.0."""
+    rows, cols = score.shape
+    mask = torch.zeros(rows, cols, dtype=torch.bool)
+    order = torch.sort(score.cpu(), dim=1, stable=True)[1]
+    for r, k in enumerate(expected_row_counts(rows, cols, sparsity)):
+        mask[r, order[r, :k]] = True
+    return mask.to(score.device)
 
 
 def layer_env(rows: int, cols: int, seed: int, dtype=torch.float32) -> dict[str, torch.Tensor]:
@@ -40,7 +56,7 @@ def test_seed_masks_equal_reference_exactly(seed_name, sparsity):
     tree = SEEDS[seed_name].tree
     mask = triton_mask(tree, env, sparsity)
     assert torch.equal(mask, reference_mask(tree, env, sparsity))
-    assert (mask.sum(1) == prune_count(37, sparsity)).all()
+    assert mask.sum(1).tolist() == expected_row_counts(5, 37, sparsity)
 
 
 @pytest.mark.parametrize("nm", [(2, 4), (4, 8), (1, 2)])
@@ -62,6 +78,30 @@ def test_ties_are_pruned_left_to_right_like_a_stable_sort():
                                                    [True, True, True, False, False, False]]
     nm = triton_mask(tree, {"W": env["W"][:, :4].contiguous()}, 0.0, (2, 4))
     assert nm.tolist() == [[False, False, True, True], [True, True, False, False]]
+
+
+@pytest.mark.parametrize("rows,cols,sparsity", [(3, 576, 0.7), (1, 7, 0.3), (4, 7, 0.3), (6, 9, 0.5),
+                                                  (3, 3, 0.5), (5, 1, 0.5), (2, 40, 0.9)])
+def test_per_row_counts_make_the_layer_total_exact(rows, cols, sparsity):
+    env = layer_env(rows, cols, seed=rows + cols)
+    tree = SEEDS["wanda"].tree
+    score = torch.empty(rows, cols, device=DEVICE)
+    mask = triton_mask(tree, env, sparsity, score_out=score)
+    assert int(mask.sum()) == round(sparsity * rows * cols)
+    assert mask.sum(1).tolist() == expected_row_counts(rows, cols, sparsity)
+    assert torch.equal(mask, reference_mask(tree, env, sparsity))
+    assert torch.equal(mask, sorted_reference(score, sparsity))
+
+
+def test_ties_with_per_row_counts_are_pruned_left_to_right():
+    # 3·5·0.5 = 7.5 rounds to 8: rows prune 3, 3, 2; every row ties, so the leftmost go
+    env = {"W": torch.tensor([[1.0] * 5, [0.0, -0.0, 0.0, -0.0, 0.0], [2.0, 1.0, 1.0, 1.0, 1.0]]).to(DEVICE)}
+    tree = call("abs", inp("W"))
+    mask = triton_mask(tree, env, 0.5)
+    assert mask.tolist() == [[True, True, True, False, False], [True, True, True, False, False],
+                             [False, True, True, False, False]]
+    assert torch.equal(mask, reference_mask(tree, env, 0.5))
+    assert torch.equal(mask, sorted_reference(env["W"].abs(), 0.5))
 
 
 def random_program(seed: int):
@@ -111,13 +151,15 @@ def test_random_programs_match_the_reference(seed, rows, cols, sparsity):
     torch.testing.assert_close(score, ref, rtol=2e-5, atol=2e-6 * scale)
     # selection is exact on the kernel's own scores ...
     assert torch.equal(got, row_mask(score, sparsity))
-    assert (got.sum(1) == prune_count(cols, sparsity)).all()
+    assert torch.equal(got, sorted_reference(score, sparsity))
+    counts = expected_row_counts(rows, cols, sparsity)
+    assert got.sum(1).tolist() == counts
     # ... and differs from the reference mask only among near-ties of the row's k-th score
-    k = prune_count(cols, sparsity)
-    if k:
-        kth = ref.kthvalue(k, dim=1, keepdim=True).values.expand_as(ref)
-        differ = got != reference_mask(tree, env, sparsity)
-        assert torch.allclose(ref[differ], kth[differ], rtol=1e-4, atol=1e-5 * scale)
+    differ = got != reference_mask(tree, env, sparsity)
+    for r, k in enumerate(counts):
+        if differ[r].any():
+            kth = ref[r].kthvalue(k).values
+            assert torch.allclose(ref[r][differ[r]], kth.expand(int(differ[r].sum())), rtol=1e-4, atol=1e-5 * scale)
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -1,18 +1,58 @@
 import pytest
 import torch
 
-from autoprune_ray.compress.masks import is_valid_nm, layer_mask, nm_mask, parse_pattern, row_mask, select_mask
+from autoprune_ray.compress.masks import (is_valid_nm, layer_mask, nm_mask, parse_pattern, row_mask, row_split,
+                                          select_mask)
 
 
-@pytest.mark.parametrize("sparsity", [0.0, 0.25, 0.5, 0.7, 0.9])
-def test_row_mask_prunes_exact_count_per_row(sparsity):
-    score = torch.randn(7, 40)
+def expected_row_counts(rows: int, cols: int, sparsity: float) -> list[int]:
+    """The documented contract: round(s·rows·cols) in all, the first T % rows rows one more."""
+    total = round(rows * cols * sparsity)
+    return [total // rows + (r < total % rows) for r in range(rows)]
+
+
+def sorted_reference(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Each row's k_r lowest scores by a stable sort: equal scores pruned left to right."""
+    rows, cols = score.shape
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    order = torch.sort(score, dim=1, stable=True)[1]
+    for r, k in enumerate(expected_row_counts(rows, cols, sparsity)):
+        mask[r, order[r, :k]] = True
+    return mask
+
+
+# s·cols fractional (576·0.7, 7·0.3, 9·0.5), exact halves (rows·cols·s = x.5), one row, one column
+SHAPES = [(5, 576, 0.7), (1, 7, 0.3), (3, 7, 0.3), (6, 9, 0.5), (1, 5, 0.5), (3, 3, 0.5), (4, 1, 0.5),
+          (7, 40, 0.25), (7, 40, 0.9), (4, 10, 0.0), (8, 16, 0.5)]
+
+
+@pytest.mark.parametrize("rows,cols,sparsity", SHAPES)
+@pytest.mark.parametrize("ties", [False, True])
+def test_row_mask_prunes_exactly_round_s_rows_cols(rows, cols, sparsity, ties):
+    g = torch.Generator().manual_seed(rows * 1000 + cols)
+    score = torch.randint(0, 4, (rows, cols), generator=g).float() if ties else torch.randn(rows, cols, generator=g)
     mask = row_mask(score, sparsity)
-    assert (mask.sum(1) == round(40 * sparsity)).all()
-    # every pruned score is <= every kept score within its row
-    for r in range(7):
-        if 0 < mask[r].sum() < 40:
-            assert score[r][mask[r]].max() <= score[r][~mask[r]].min()
+    counts = mask.sum(1)
+    assert int(counts.sum()) == round(sparsity * rows * cols)
+    assert counts.tolist() == expected_row_counts(rows, cols, sparsity)
+    assert int(counts.max() - counts.min()) <= 1
+    assert torch.equal(mask, sorted_reference(score, sparsity))
+
+
+def test_row_counts_hand_example():
+    # 3·3·0.5 = 4.5 rounds half to even, to 4: the first row prunes 2, the others 1
+    score = torch.tensor([[3.0, 1.0, 2.0], [1.0, 2.0, 3.0], [2.0, 3.0, 1.0]])
+    assert row_mask(score, 0.5).tolist() == [[False, True, True], [True, False, False], [False, False, True]]
+    assert row_split(3, 3, 0.5) == (1, 1)
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.25, 0.75])
+def test_whole_per_row_counts_match_wanda_exactly(sparsity):
+    # Wanda (lib/prune.py): stable sort of each row, prune its first int(cols·s) entries
+    score = torch.cat([torch.randn(6, 64), torch.randint(0, 3, (6, 64)).float()])
+    wanda = torch.zeros_like(score, dtype=torch.bool)
+    wanda.scatter_(1, torch.sort(score, dim=-1, stable=True)[1][:, :int(64 * sparsity)], True)
+    assert torch.equal(row_mask(score, sparsity), wanda)
 
 
 def test_layer_mask_thresholds_whole_matrix():

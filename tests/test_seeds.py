@@ -1,4 +1,4 @@
-"""Every seed program reproduces its compress/ baseline exactly."""
+"""Score seeds reproduce their compress/ baselines exactly; allocation seeds apply the published rules per linear."""
 import pytest
 import torch
 
@@ -51,23 +51,24 @@ def test_wanda_seed_prunes_the_model_like_wanda(tiny_lm, tiny_data, tiny_model_d
             assert torch.equal(la.weight, lb.weight)
 
 
-def test_allocation_seeds_reproduce_owl_and_uniform(tiny_lm, tiny_data):
-    owl = prune_model(tiny_lm, tiny_data, PruneConfig(method="wanda", sparsity=0.7, allocation="owl",
-                                                      owl_lambda=0.05, mode="one-pass"))
-    seeds = allocation_seeds()
+def test_allocation_seeds_apply_their_rule_per_linear(tiny_lm, tiny_data):
+    """Uniform is uniform; the OWL and AlphaPruning-style seeds are those rules per linear layer:
+    the exact-budget map of −outlier and of alpha over the linears."""
     from autoprune_ray.compress.models import load_model
-    for name, expected in (("owl", owl.block_targets), ("uniform", [0.7, 0.7])):
+    stats = calibration_stats(tiny_lm, tiny_data, "one-pass", with_gram=False, use_cache=False)
+    weights = [{n: l.weight.data.clone() for n, l in block_linears(b).items()} for b in decoder_layers(tiny_lm.model)]
+    inputs = allocation.linear_statistics(weights, stats.blocks, ["outlier", "alpha"])
+    sizes = allocation.linear_sizes(weights)
+    keys = [f"{i}.{n}" for i, n in allocation.linear_keys(weights)]
+    expected = {"uniform": [0.7] * len(keys),
+                "owl": allocation.allocate_sparsities(-inputs["outlier"], sizes, 0.7, 0.1),
+                "alpha": allocation.allocate_sparsities(inputs["alpha"], sizes, 0.7, 0.1)}
+    seeds = allocation_seeds()
+    assert set(seeds) == set(expected)
+    for name, values in expected.items():
         lm = load_model(tiny_lm.path, device="cpu")
         got = prune_model(lm, tiny_data, PruneConfig(method="wanda", sparsity=0.7, allocation="program",
                                                      allocation_program=seeds[name].tree, allocation_lambda=0.1,
                                                      mode="one-pass"))
-        assert got.block_targets == pytest.approx(expected, abs=1e-12), name
-
-
-def test_normalized_allocation_keeps_mean_and_bound():
-    s = allocation.normalize_allocation(torch.tensor([3.0, -1.0, 10.0, 2.0]), 0.6, 0.1)
-    assert sum(s) / 4 == pytest.approx(0.6)
-    assert max(s) - min(s) == pytest.approx(0.1)
-    assert all(0.5 <= v <= 0.7 for v in s)
-    with pytest.raises(FloatingPointError):
-        allocation.normalize_allocation(torch.tensor([1.0, float("nan")]), 0.5, 0.1)
+        assert [got.layer_targets[k] for k in keys] == pytest.approx(values, abs=1e-12), name
+    assert len(set(expected["owl"])) > 1 and len(set(expected["alpha"])) > 1

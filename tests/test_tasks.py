@@ -2,21 +2,23 @@
 import pytest
 
 from autoprune_ray.engine.config import ConfigError, RunConfig, from_dict
-from autoprune_ray.operators.language import parse
+from autoprune_ray.operators.language import TASK_PARTS, parse
+from autoprune_ray.operators.specs import SPECS
 from autoprune_ray.tasks import TASKS, get_task
 from autoprune_ray.tasks.base import TaskPlugin
 from autoprune_ray.tree.expr import inputs_of
 
 
 def test_every_plugin_is_complete_and_its_seeds_are_valid_programs_of_its_language():
-    assert set(TASKS) == {"prune", "allocate", "mpq"}
+    assert set(TASKS) == {"prune", "allocate", "joint", "mpq"}
     for name, plugin in TASKS.items():
-        assert plugin.name == name and plugin.spec.name == name and plugin.unimplemented() == []
+        assert plugin.name == name and plugin.spec.name == TASK_PARTS[name][0] and plugin.unimplemented() == []
         assert plugin.prompts.preamble and plugin.prompts.noun and plugin.prompts.system
         for seed in plugin.seeds().values():
-            assert seed.task == name
+            assert seed.task == name and list(seed.parts) == list(TASK_PARTS[name])
             assert parse(seed.code, name, seed.granularity).hash == seed.hash   # prints and re-parses alike
-            assert inputs_of(seed.tree) <= set(plugin.spec.inputs)
+            for part, tree in seed.parts.items():
+                assert inputs_of(tree) <= set(SPECS[part].inputs)
 
 
 def test_each_plugin_turns_a_candidate_and_its_baselines_into_compress_configs():
@@ -36,7 +38,7 @@ def test_each_task_tells_the_policy_what_it_writes():
 
 
 def test_an_unknown_task_fails_validation_in_one_line():
-    with pytest.raises(ConfigError, match=r"^task: unknown task 'distill': choose prune, allocate, mpq$"):
+    with pytest.raises(ConfigError, match=r"^task: unknown task 'distill': choose prune, allocate, joint, mpq$"):
         from_dict(RunConfig, {"task": "distill"}).validate()
     with pytest.raises(ValueError, match="unknown task 'distill'"):
         get_task("distill")
@@ -68,7 +70,7 @@ def test_no_module_outside_the_registry_compares_a_task_name():
     import re
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
-    pattern = re.compile(r"""(==|!=)\s*["'](prune|allocate|mpq)["']|["'](prune|allocate|mpq)["']\s*(==|!=)|"""
+    pattern = re.compile(r"""(==|!=)\s*["'](prune|allocate|joint|mpq)["']|["'](prune|allocate|joint|mpq)["']\s*(==|!=)|"""
                          r"""task\w*\s+(not\s+)?in\s+\(["']""")
     hits = [f"{path.relative_to(root)}:{n}" for room in ("engine", "tasks", "operators", "llm", "compress")
             for path in sorted((root / room).glob("*.py"))

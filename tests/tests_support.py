@@ -4,6 +4,7 @@ import functools
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -115,7 +116,10 @@ def free_port() -> int:
 
 
 def ray_cli() -> str:
-    return os.path.join(os.path.dirname(sys.executable), "ray")
+    """The `ray` script of this interpreter's installation; in a virtualenv that sees the system's
+    packages (--system-site-packages), the one on PATH."""
+    beside = os.path.join(os.path.dirname(sys.executable), "ray")
+    return beside if os.path.exists(beside) else (shutil.which("ray") or beside)
 
 
 def client_env() -> dict:
@@ -255,7 +259,7 @@ def make_config(tmp_path, tiny_model_dir, corpus_file, name="t", **search) -> Ru
     return RunConfig(
         name=name, run_dir=str(tmp_path / "{name}"),
         target=TargetConfig(model=str(tiny_model_dir), calib_data=str(corpus_file), nsamples=4, seqlen=32,
-                            eval_tokens=128, device="cpu"),
+                            val_tokens=128, device="cpu"),
         policy=PolicyConfig(backend="scripted", scripted=COMPLETIONS, prompts_per_batch=2, completions_per_prompt=2),
         search=SearchConfig(**defaults),
         evaluators=EvaluatorConfig(num=2, num_cpus=1)).validate()

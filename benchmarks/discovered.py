@@ -1,0 +1,82 @@
+"""Discovered programs re-measured as a skeptical user would: under a named protocol (sequential
+statistics, held-out text the search never read), at each sparsity, beside the mask-only
+baselines, on the search corpus and on a corpus no search read, with a second calibration seed.
+
+    python benchmarks/discovered.py --programs benchmarks/results/discovered/best-70.py \\
+        --sparsity 0.6,0.7 --corpora austen,fortunes --seeds 0,1 --protocol cpu
+
+Writes benchmarks/results/discovered/measured-<protocol>.json (rows appended as they finish, so
+an interrupted run resumes) and a Markdown table beside it.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import click
+
+OUT = Path(__file__).parent / "results" / "discovered"
+
+
+def configs(programs: list[str], baselines: list[str], sparsity: float) -> list[tuple[str, object]]:
+    from autoprune_ray.compress.baselines import BaselineRun
+    from autoprune_ray.engine.cli_compress import program_prune_config
+    from autoprune_ray.operators.language import parse_file
+
+    out = [(Path(p).name, program_prune_config(parse_file(Path(p).read_text()), "wanda", sparsity=sparsity))
+           for p in programs]
+    return out + [(name, BaselineRun(name, sparsity, None).config()) for name in baselines]
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| corpus | seed | sparsity | method | perplexity | vs wanda |", "|---|---|---|---|---|---|"]
+    wanda = {(r["corpus"], r["seed"], r["sparsity"]): r["perplexity"] for r in rows if r["method"] == "wanda"}
+    for r in sorted(rows, key=lambda r: (r["corpus"], r["seed"], r["sparsity"], r["perplexity"])):
+        ref = wanda.get((r["corpus"], r["seed"], r["sparsity"]))
+        rel = f"{r['perplexity'] / ref - 1:+.1%}" if ref and r["method"] != "wanda" else ""
+        lines.append(f"| {r['corpus']} | {r['seed']} | {r['sparsity']:g} | {r['method']} | {r['perplexity']:.2f} | {rel} |")
+    return "\n".join(lines) + "\n"
+
+
+@click.command()
+@click.option("--programs", required=True, help="Comma-separated program files (metric, allocation or both).")
+@click.option("--baselines", default="wanda,owl-wanda,alpha-wanda", show_default=True)
+@click.option("--sparsity", "sparsities", default="0.7", show_default=True)
+@click.option("--corpora", default="austen,fortunes", show_default=True)
+@click.option("--seeds", default="0", show_default=True, help="Calibration seeds.")
+@click.option("--protocol", "protocol_name", default="cpu", show_default=True)
+@click.option("--model", default="smollm2", show_default=True)
+def main(programs, baselines, sparsities, corpora, seeds, protocol_name, model):
+    from autoprune_ray.compress.measure import load_and_measure
+    from autoprune_ray.compress.protocol import preset
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"measured-{protocol_name}.jsonl"
+    done = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    seen = {(r["corpus"], r["seed"], r["sparsity"], r["method"]) for r in done}
+    for corpus in corpora.split(","):
+        for seed in (int(s) for s in seeds.split(",")):
+            protocol, data = replace(preset(protocol_name), calib_data=corpus, seed=seed), None
+            for sparsity in (float(s) for s in sparsities.split(",")):
+                for label, cfg in configs(programs.split(","), baselines.split(","), sparsity):
+                    if (corpus, seed, sparsity, label) in seen:
+                        continue
+                    measured = load_and_measure(model, protocol, cfg, data=data)
+                    data = measured.data
+                    row = {"corpus": corpus, "seed": seed, "sparsity": sparsity, "method": label,
+                           "perplexity": measured.perplexity, "achieved": measured.result.sparsity,
+                           "seconds": measured.seconds, **data.describe()}
+                    if not math.isfinite(row["perplexity"]):
+                        raise FloatingPointError(f"{label}: perplexity is not finite")
+                    with path.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    done.append(row)
+                    click.echo(f"{corpus} seed {seed} {sparsity:g} {label}: {row['perplexity']:.2f}", err=True)
+    (OUT / f"measured-{protocol_name}.md").write_text(markdown(done))
+    click.echo(markdown(done))
+
+
+if __name__ == "__main__":
+    main()
