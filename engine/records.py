@@ -108,10 +108,10 @@ class RunRecords:
         if row["status"] in ("failed", "timeout"):
             log.warning("%s: %s after %.1f s: %s", self.tag(job), row["status"], row["seconds"] or 0.0, row["reason"])
         else:
-            log.info("%s: %s, proxy %.4g, perplexity %s (%s, %.1f s)", self.tag(job), row["status"],
-                     row["proxy"] if row["proxy"] is not None else math.nan,
-                     "-" if row["perplexity"] is None else f"{row['perplexity']:.3f}", job.get("operator", ""),
-                     row["seconds"] or 0.0)
+            measured = " ".join(f"{key} {row[key]:.4g}" for key in ("perplexity", "kl") if row.get(key) is not None)
+            log.info("%s: %s, proxy %.4g, %s (%s, %.1f s)", self.tag(job), row["status"],
+                     row["proxy"] if row["proxy"] is not None else math.nan, measured or "not measured",
+                     job.get("operator", ""), row["seconds"] or 0.0)
 
     def admit(self, job: dict, row: dict) -> None:
         """Replayable: the population is a function of the evaluation rows, in order."""
