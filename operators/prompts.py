@@ -54,9 +54,9 @@ class TaskPrompts:
     output: str = OUTPUT_RULE
 
 
-def system_prompt(programs: str) -> str:
-    """The policy's system prompt for a task whose programs are `programs`."""
-    return f"You write {programs} as one short Python function. Answer with the code in a ```python fence."
+def system_prompt(programs: str, form: str = "one short Python function") -> str:
+    """The policy's system prompt for a task whose programs are `programs`, each written as `form`."""
+    return f"You write {programs} as {form}. Answer with the code in a ```python fence."
 
 
 def preamble_text(intro: str, spec: LanguageSpec, result_rule: str, example: str) -> str:

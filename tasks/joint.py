@@ -15,7 +15,7 @@ from itertools import product
 
 from autoprune_ray.compress.prune import PruneConfig
 from autoprune_ray.operators.language import Candidate
-from autoprune_ray.operators.prompts import OUTPUT_RULE, TaskPrompts, joint_preamble_text, system_prompt
+from autoprune_ray.operators.prompts import TaskPrompts, joint_preamble_text, system_prompt
 from autoprune_ray.operators.seeds import allocation_seeds, score_seeds
 from autoprune_ray.operators.specs import ALLOCATE, PRUNE
 from autoprune_ray.tasks.allocate import check_allocation_settings
@@ -37,9 +37,9 @@ PROMPTS = TaskPrompts(
     noun="algorithm",
     from_scratch=("Invent a new algorithm from scratch: decide which weights matter most inside a layer, and "
                   "which layers can lose more weights without hurting the model."),
-    system=system_prompt("pruning algorithms (a metric and a layer-wise sparsity allocation)").replace(
-        "as one short Python function", "as two short Python functions, score and allocate"),
-    output=OUTPUT_RULE.replace("ONE python function", "BOTH functions, score and allocate,"),
+    system=system_prompt("pruning algorithms (a metric and a layer-wise sparsity allocation)",
+                         "two short Python functions, score and allocate"),
+    output="Answer with BOTH functions, score and allocate, in one ```python fence. No prose needed.",
 )
 
 SEED_METRICS = ("wanda", "ria")

@@ -149,3 +149,18 @@ def test_prompts_fit_smollm2_token_budget():
                P.init_prompt([(n.code, n.fitness) for n in nodes[:3]], feedback, TASK)]
     for prompt in prompts:
         assert len(tok(prompt)["input_ids"]) < 1500
+
+
+def test_joint_prompts_show_both_functions_ask_for_both_and_fit_the_budget():
+    joint = get_task("joint")
+    seeds = [s.code for s in joint.seeds().values()]
+    feedback = P.feedback_lines(REJECTIONS)
+    built = {"init-seeds": P.init_prompt([(c, -6.0) for c in seeds[:3]], feedback, joint.prompts),
+             "mutate": P.mutate_prompt(seeds[1], -6.1, feedback, joint.prompts),
+             "crossover": P.crossover_prompt(seeds[1], -6.1, seeds[2], -6.2, feedback, joint.prompts)}
+    for name, prompt in built.items():
+        assert len(prompt) <= P.MAX_PROMPT_CHARS, (name, len(prompt))
+        assert prompt.startswith(joint.prompts.preamble) and prompt.rstrip().endswith(joint.prompts.output)
+        assert "BOTH functions" in prompt and "is_down: " in prompt and "W: weight" in prompt
+    shown = P.fenced_programs(built["mutate"])[-1]
+    assert parse(shown, "joint").hash == parse(seeds[1], "joint").hash   # the parent, both parts, re-parses
