@@ -122,9 +122,9 @@ def throughput_same_run(lm, data, cfg, plugin, cands, kl: int) -> dict:
     old_cfg = replace(cfg, target=replace(cfg.target, sparsity=0.5, sparsities=None))
     old, new = [], []
     for cand in cands:
-        prune_cand = cand   # the metric part alone, uniform allocation, as the old default searched
+        # the metric part alone, uniform allocation, as the old default searched
         _, seconds = timed(lambda: evaluator.measure(
-            evaluator.screen_levels([_metric_only(plugin, prune_cand, old_cfg)]).value, Stage("perplexity", 4096)))
+            evaluator.screen_levels([_metric_only(cand, old_cfg)]).value, Stage("perplexity", 4096)))
         old.append(seconds)
         configs = [plugin.compression_config(cand, cfg.at_level(level)) for level in cfg.target.levels]
         _, seconds = timed(lambda: evaluator.measure(evaluator.screen_levels(configs).value, Stage("kl", kl)))
@@ -136,7 +136,7 @@ def throughput_same_run(lm, data, cfg, plugin, cands, kl: int) -> dict:
             "speedup": float(np.mean(old) / np.mean(new)), "programs": len(cands)}
 
 
-def _metric_only(plugin, cand, cfg):
+def _metric_only(cand, cfg):
     from autoprune_ray.compress.prune import PruneConfig
     return PruneConfig(method="program", program=cand.tree, sparsity=cfg.target.sparsity, mode="one-pass")
 

@@ -166,7 +166,7 @@ class Search:
         return stopping.proxy_cutoff(self.population, self.cfg.search.cascade)
 
     def summary(self) -> dict:
-        return stopping.summary(self.cfg, self.records, self.learning, self.population) | {"promoted": self.promoted()}
+        return stopping.summary(self.cfg, self.records, self.learning, self.population)
 
     # ------------------------------------------------------------------ promotion
     def promotion_jobs(self) -> list[dict]:

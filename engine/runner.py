@@ -97,7 +97,9 @@ def run_search(cfg: RunConfig, resume: bool = False, progress: bool = True) -> d
         reason = _loop(search, pool)
         _drain_and_close(search, pool)
         _promote(search, pool)
-        summary = search.summary() | {"stop_reason": reason, "evaluator_restarts": pool.restarts}
+        # promoted: read from the promotions table once, at the end (summary() runs on every loop turn)
+        summary = search.summary() | {"stop_reason": reason, "evaluator_restarts": pool.restarts,
+                                      "promoted": search.promoted()}
         search.store.save_checkpoint({"summary": summary, "next_id": search.next_id})
     finally:
         search.store.flush()   # whatever happened, every recorded outcome reaches the tables
