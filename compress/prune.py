@@ -47,6 +47,7 @@ class PruneConfig:
     allocation_lambda: float = 0.16      # its range: linear sparsities within S ± λ
     alpha_lambda: float = 0.1            # AlphaPruning-style range: block sparsities within S ± λ
     kernel_backend: str = "auto"         # program scores: fused Triton kernel on CUDA, torch otherwise
+    name: str = ""                       # what tables call it (a program file: "program <hash>")
 
     def validate(self) -> "PruneConfig":
         if self.method not in METHODS:
@@ -91,6 +92,8 @@ class PruneConfig:
 
     @property
     def label(self) -> str:
+        if self.name:
+            return self.name
         name = f"{self.allocation}-{self.method}" if self.allocation != "uniform" else self.method
         return f"{name} {self.pattern}" if self.nm else name
 

@@ -10,6 +10,9 @@ import click
 from autoprune_ray.compress import protocol as protocols
 from autoprune_ray.engine.cli_common import clear_errors
 
+# compress.prune.METHODS but "program" (it comes with --program); named here so that the CLI
+# starts without importing torch (tests/test_cli.py keeps the two in step)
+BASELINE_METHODS = ("magnitude", "wanda", "ria", "sparsegpt", "barber")
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
@@ -109,7 +112,8 @@ def program_prune_config(program, method: str, **settings):
     if allocation is not None:
         settings["allocation"] = "program"
     return PruneConfig(method="program" if metric is not None else method, program=metric,
-                       granularity=program.granularity, allocation_program=allocation, **settings)
+                       granularity=program.granularity, allocation_program=allocation,
+                       name=f"program {program.hash[:8]}", **settings)
 
 
 def parse_sparsities(text: str) -> list[float]:
@@ -135,8 +139,8 @@ def split_list(text: str) -> list[str]:
 
 
 @click.command()
-@click.option("--method", default="wanda", show_default=True,
-              help="magnitude, wanda, ria, sparsegpt or barber (LLM-Barber).")
+@click.option("--method", default="wanda", show_default=True, type=click.Choice(BASELINE_METHODS),
+              help="A baseline (barber: LLM-Barber). A program file comes with --program.")
 @click.option("--program", "program_file", default=None,
               help="A pruning program file or RUN_DIR:best: a metric (`def score(W, A, ...)`, overrides --method), "
                    "an allocation (`def allocate(outlier, ...)`, overrides --allocation), or both in one file.")

@@ -193,6 +193,9 @@ def _job_main() -> int:
     resume = "--resume" in sys.argv[1:] or (cfg.resolved_run_dir / "config.yaml").exists()
     summary = run_search(cfg, resume=resume, progress=False)
     print({k: v for k, v in summary.items() if k != "best_code"})
+    from autoprune_ray.engine.display import show_outcome
+    from autoprune_ray.engine.outcome import run_outcome
+    show_outcome(run_outcome(cfg.resolved_run_dir, summary))
     return 0
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from autoprune_ray.engine.config import RunConfig, from_dict
+from autoprune_ray.engine.plots import plots
 from autoprune_ray.engine.promotion import promoted_ranking, promotion_seeds
 from autoprune_ray.engine.storage import RunStore
 from autoprune_ray.tasks import TaskPlugin, get_task
@@ -16,6 +17,16 @@ from autoprune_ray.tasks import TaskPlugin, get_task
 def task_of(config: dict) -> TaskPlugin:
     """The plug-in of a run's task (RunConfig's default for a config that names none)."""
     return get_task(config.get("task", RunConfig.task))
+
+
+def seed_names(plugin: TaskPlugin) -> dict[str, str]:
+    """hash -> name of the task's expert seeds (how a run's candidates table knows them)."""
+    return {cand.hash: name for name, cand in plugin.seeds().items()}
+
+
+def measure_name(config: dict) -> str:
+    """What the run's fitness measured, as tables and plots name it."""
+    return {"kl": "KL", "perplexity": "ppl"}.get((config.get("fitness") or {}).get("measure", "perplexity"), "measure")
 
 
 def open_run(run_dir: str | Path) -> tuple[dict, TaskPlugin, RunStore]:
@@ -97,55 +108,6 @@ def lineage_of(cands: pd.DataFrame, evals: pd.DataFrame, candidate_id: int) -> l
     return chain[::-1]
 
 
-def plots(cands: pd.DataFrame, evals: pd.DataFrame, chain: list[dict], out: Path) -> list[str]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    files = []
-    ok = evals[evals.status == "ok"].reset_index(drop=True)
-    if len(ok):
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        order = evals.sort_values("finished").reset_index(drop=True)
-        # screened and failed evaluations leave the best so far unchanged (cummax keeps their NaN)
-        best = order.fitness.where(order.status == "ok").cummax().ffill()
-        ax.plot(range(1, len(order) + 1), best, drawstyle="steps-post")
-        ax.set_xlabel("evaluations")
-        ax.set_ylabel("best validation fitness (higher is better)")
-        fig.tight_layout()
-        fig.savefig(out / "best_fitness.png", dpi=120)
-        plt.close(fig)
-        files.append("best_fitness.png")
-    if len(cands):
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        valid = (cands.status != "rejected").astype(float)
-        window = max(1, len(valid) // 10)
-        ax.plot(range(1, len(valid) + 1), valid.rolling(window, min_periods=1).mean())
-        ax.set_xlabel("candidates proposed")
-        ax.set_ylabel(f"valid rate (rolling {window})")
-        ax.set_ylim(0, 1.05)
-        fig.tight_layout()
-        fig.savefig(out / "valid_rate.png", dpi=120)
-        plt.close(fig)
-        files.append("valid_rate.png")
-    if chain:
-        fig, ax = plt.subplots(figsize=(7, 1.2 + 0.9 * len(chain)))
-        for i, node in enumerate(chain):
-            ppl = f"{node['perplexity']:.2f}" if node["perplexity"] and not math.isnan(node["perplexity"]) else "–"
-            ax.text(0.02, len(chain) - i, f"#{node['candidate_id']} [{node['operator']}] ppl {ppl}\n"
-                    f"{node['code'].splitlines()[-1].strip()[:90]}", fontsize=8, va="center", family="monospace")
-            if i:
-                ax.annotate("", xy=(0.01, len(chain) - i + 0.25), xytext=(0.01, len(chain) - i + 0.75),
-                            arrowprops={"arrowstyle": "->"})
-        ax.set_ylim(0.3, len(chain) + 0.7)
-        ax.axis("off")
-        fig.tight_layout()
-        fig.savefig(out / "lineage.png", dpi=120)
-        plt.close(fig)
-        files.append("lineage.png")
-    return files
-
-
 def _runs(plugin: TaskPlugin, cfg: RunConfig, programs: list[tuple[str, str, str]],
           baselines: list[str]) -> list[tuple[str, object]]:
     """(label, compression config) for each program and baseline of the run's task."""
@@ -187,7 +149,8 @@ def write_report(run_dir: str | Path, protocol=None, baselines: list[str] | None
     st = summary(config, cands, evals, promotions)
     best = best_row(cands, evals, promotions=promotions, config=config)
     chain = lineage_of(cands, evals, int(best.candidate_id)) if best is not None else []
-    images = plots(cands, evals, chain, out)
+    images = plots(cands, evals, int(best.candidate_id) if best is not None else None, seed_names(plugin),
+                   measure_name(config), out)
     lines = [f"# Run `{config['name']}`", "",
              f"{st['candidates']} candidates proposed, valid rate {st['valid_rate']:.0%}; "
              f"candidates by status {st['candidate_status']}; evaluations by status {st['evaluation_status']}.", ""]

@@ -10,6 +10,7 @@ import ray
 from autoprune_ray.engine.config import RunConfig
 from autoprune_ray.engine.controller import LLM_OPERATORS, Inflight, Search
 from autoprune_ray.engine.database import Population
+from autoprune_ray.engine.display import Display
 from autoprune_ray.engine.evaluator import EvaluatorWorker
 from autoprune_ray.engine.policy import PolicyWorker
 from autoprune_ray.llm.dpo import train_round
@@ -17,6 +18,10 @@ from autoprune_ray.tasks import get_task
 
 log = logging.getLogger("autoprune_ray.engine")
 MAX_ATTEMPTS = 3          # a candidate whose evaluator died this often is recorded as failed
+# The actors' tqdm bars (model loading, calibration walks) would be forwarded to the driver's
+# terminal, dozens of them; the driver's display says what the actors are doing instead.
+QUIET_ACTORS = {"env_vars": {"TQDM_DISABLE": "1"}}
+RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
 def ensure_ray(cfg: RunConfig) -> None:
@@ -26,10 +31,18 @@ def ensure_ray(cfg: RunConfig) -> None:
         ray.init(address=cfg.ray.address, log_to_driver=True)
     else:
         # A new local instance even when `ray start` left an address file on this machine (a plain
-        # ray.init() would join that cluster). The dashboard binds to localhost; Ray's token
-        # authentication stays as Ray sets it.
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard,
-                 dashboard_host=cfg.ray.dashboard_host)
+        # ray.init() would join that cluster). The dashboard binds to localhost. Token
+        # authentication stays on, as Ray sets it; its warning at every start is said once here.
+        logging.getLogger(RAY_AUTH_LOGGER).addFilter(_drop_token_auth_notice)
+        context = ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard,
+                           dashboard_host=cfg.ray.dashboard_host)
+        if context.dashboard_url:
+            log.info("Ray dashboard: http://%s (token authentication is on: paste the token from "
+                     "~/.ray/auth_token when it asks)", context.dashboard_url)
+
+
+def _drop_token_auth_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
 
 
 class ActorPool:
@@ -41,10 +54,10 @@ class ActorPool:
         Evaluator = ray.remote(EvaluatorWorker)
         self.evaluators = [Evaluator.options(
             name=f"{name}:evaluator-{i}", num_cpus=ev.num_cpus, num_gpus=ev.num_gpus, max_restarts=ev.max_restarts,
-            max_task_retries=0).remote(cfg, i) for i in range(ev.num)]
+            max_task_retries=0, runtime_env=QUIET_ACTORS).remote(cfg, i) for i in range(ev.num)]
         self.policy = ray.remote(PolicyWorker).options(
             name=f"{name}:policy", num_cpus=0, num_gpus=pol.num_gpus, max_restarts=pol.max_restarts,
-            max_task_retries=0).remote(pol, get_task(cfg.task).prompts.system)
+            max_task_retries=0, runtime_env=QUIET_ACTORS).remote(pol, get_task(cfg.task).prompts.system)
         s = cfg.search
         self.population = ray.remote(Population).options(name=f"{name}:population", num_cpus=0).remote(
             s.islands, s.population_size, s.elites, s.migration_interval, s.seed)
@@ -70,31 +83,26 @@ class SyncActor:
         return lambda *args, **kwargs: ray.get(method.remote(*args, **kwargs))
 
 
-def configure_logging() -> None:
-    """INFO records of the engine to stderr (the job logs, on a cluster), unless the embedding
-    program has configured logging itself."""
-    engine = logging.getLogger("autoprune_ray")
-    if not engine.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        engine.addHandler(handler)
-        engine.setLevel(logging.INFO)
-
-
 def run_search(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict:
-    configure_logging()
-    ensure_ray(cfg)
-    pool = ActorPool(cfg)
-    try:
-        search = Search.open(cfg, resume=resume, progress=progress, population=SyncActor(pool.population))
-    except BaseException:
-        pool.kill()   # e.g. RunExists: named actors must not outlive a run that never started
-        raise
+    """Run (or resume) a search to its end; `progress`: the live display, else plain log lines."""
+    with Display(cfg.search.max_evaluations, cfg.fitness.measure, live=progress) as display:
+        ensure_ray(cfg)
+        pool = ActorPool(cfg)
+        try:
+            search = Search.open(cfg, resume=resume, progress=progress, population=SyncActor(pool.population))
+        except BaseException:
+            pool.kill()   # e.g. RunExists: named actors must not outlive a run that never started
+            raise
+        return _run(search, pool, display)
+
+
+def _run(search: Search, pool: "ActorPool", display: Display) -> dict:
     if not search.resumed:
         search.seed_population()
     _serve_adapter(search, pool)   # a resumed run's policy serves the newest adapter from its first batch
     try:
-        reason = _loop(search, pool)
+        reason = _loop(search, pool, display)
+        display.stop()
         _drain_and_close(search, pool)
         _promote(search, pool)
         # promoted: read from the promotions table once, at the end (summary() runs on every loop turn)
@@ -108,9 +116,8 @@ def run_search(cfg: RunConfig, resume: bool = False, progress: bool = True) -> d
     return summary
 
 
-def _loop(search: Search, pool: ActorPool) -> str:
+def _loop(search: Search, pool: ActorPool, display: Display) -> str:
     cfg = search.cfg
-    progress = _Progress(search) if search.progress else None
     generating = False
     since_checkpoint = 0
     while True:
@@ -137,8 +144,7 @@ def _loop(search: Search, pool: ActorPool) -> str:
         search.stats["overhead_seconds"] += time.perf_counter() - loop_start
         search.metrics.set("eval_queue_depth", len(search.queue))
         search.metrics.set("evaluators_busy", sum(1 for c in pool.inflight.values() if c.kind == "eval"))
-        if progress:
-            progress.update()
+        display.update(search.summary, len(search.queue))   # summary: read only when live
         if not pool.inflight and not search.queue and not generating:
             # nothing can make progress (e.g. every operator needs parents and none survived)
             if not _request_generation(search, pool):
@@ -339,22 +345,3 @@ def _collect_promotion(search: Search, pool: ActorPool, ref, call: Inflight) -> 
         result = {"status": "failed", "reason": f"evaluator error: {exc}"[:500]}
         pool.idle.add(call.worker)
     search.record_promotion(call.payload, result)
-
-
-class _Progress:
-    def __init__(self, search: Search):
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-        self.search = search
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                            TimeElapsedColumn(), transient=False)
-        self.task = self.bar.add_task("search", total=search.cfg.search.max_evaluations)
-        self.bar.start()
-
-    def update(self) -> None:
-        s = self.search.summary()
-        best = f"{s['best_perplexity']:.2f}" if s["best_perplexity"] else "–"
-        self.bar.update(self.task, completed=s["evaluated"],
-                        description=f"valid {s['valid_rate']:.0%} | best ppl {best} | "
-                                    f"{s['tokens_per_second']:.1f} tok/s | queue {len(self.search.queue)}")
-        if s["evaluated"] >= self.search.cfg.search.max_evaluations:
-            self.bar.stop()

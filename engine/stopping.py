@@ -34,7 +34,8 @@ def summary(cfg: RunConfig, records: RunRecords, learning: PolicyLearning, popul
     elapsed = time.time() - records.t0
     return {"run_dir": str(cfg.resolved_run_dir), "evaluated": records.evaluated, "proposed": stats["proposed"],
             "valid_rate": stats["valid"] / max(stats["proposed"], 1),
-            "pending": len(records.queue), "best_id": snap["best_id"], "best_perplexity": snap["best_perplexity"],
+            "pending": len(records.queue), "best_id": snap["best_id"], "best_fitness": snap["best_fitness"],
+            "best_perplexity": snap["best_perplexity"],
             "best_code": snap["best_code"],
             "seconds": elapsed, "tokens_per_second": stats["tokens"] / max(elapsed, 1e-9),
             "evaluator_utilization": stats["busy_seconds"] / max(elapsed * cfg.evaluators.num, 1e-9),

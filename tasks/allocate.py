@@ -41,6 +41,7 @@ class AllocateTask(PruningTask):
     spec = ALLOCATE
     prompts = PROMPTS
     baselines = ("wanda", "owl-wanda", "alpha-wanda")
+    reference_seed = "uniform"             # uniform allocation of the Wanda metric: Wanda
 
     def seeds(self):
         return allocation_seeds()

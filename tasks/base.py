@@ -22,6 +22,8 @@ class TaskPlugin:
     baselines: tuple[str, ...] = ()            # what the report re-measures beside the best programs
     amount: str = "sparsity"                   # the report's column that says how much was compressed
     leveled: bool = False                      # measured at each of target.levels (a pruning sparsity)
+    reference_seed: str | None = None          # the seed a run's closing table compares with
+    apply_command: str = "prune"               # the CLI command that applies a program file
 
     def seeds(self) -> dict[str, Candidate]:
         """The expert programs a search starts from (search.seeds: true)."""

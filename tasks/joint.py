@@ -63,6 +63,7 @@ class JointTask(PruningTask):
     spec = PRUNE
     prompts = PROMPTS
     baselines = ("wanda", "ria", "owl-wanda", "alpha-wanda", "barber", "sparsegpt")
+    reference_seed = "uniform-wanda"       # Wanda
 
     def seeds(self):
         return joint_seeds()

@@ -35,6 +35,8 @@ class MPQTask(TaskPlugin):
     columns = {"avg_bits": pa.float64(), "spearman": pa.float64(), "kendall": pa.float64()}
     baselines = ("uniform", "hawq", "aptq")
     amount = "avg_bits"
+    reference_seed = "hawq"
+    apply_command = "quantize"
 
     def seeds(self):
         return sensitivity_seeds()

@@ -43,6 +43,7 @@ class PruneTask(PruningTask):
     spec = PRUNE
     prompts = PROMPTS
     baselines = ("wanda", "magnitude")
+    reference_seed = "wanda"
 
     def seeds(self):
         return score_seeds()

@@ -6,6 +6,7 @@ import torch
 from click.testing import CliRunner
 
 from autoprune_ray.engine.cli import main
+from autoprune_ray.operators.language import parse_file
 
 
 @pytest.fixture
@@ -45,7 +46,8 @@ def test_prune_json_output(run):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--method", "obs"], "unknown method"),
+    (["--method", "obs"], "'obs' is not one of"),
+    (["--method", "program"], "'program' is not one of"),   # a program comes with --program
     (["--sparsity", "1.0"], "outside [0, 1)"),
     (["--sparsity", "-0.1"], "outside [0, 1)"),
     (["--pattern", "3:7"], "does not divide"),
@@ -85,7 +87,15 @@ def test_prune_with_a_program_file_equals_wanda(run, tmp_path):
     ours = json.loads(ours[ours.index("{"):])
     wanda = run("prune", "--method", "wanda", "--json").output
     wanda = json.loads(wanda[wanda.index("{"):])
-    assert ours["perplexity"] == wanda["perplexity"] and ours["label"] == "program"
+    assert ours["perplexity"] == wanda["perplexity"]
+    expected = parse_file(program.read_text()).hash[:8]
+    assert ours["label"] == f"program {expected}"   # tables name a program by its hash
+
+
+def test_the_method_choices_are_the_baselines():
+    from autoprune_ray.compress.prune import METHODS
+    from autoprune_ray.engine.cli_compress import BASELINE_METHODS
+    assert set(BASELINE_METHODS) == set(METHODS) - {"program"}
 
 
 def test_check_prints_canonical_form_or_reason(tmp_path):
