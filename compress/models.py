@@ -1,8 +1,10 @@
 """Target models: the embedded SmolLM2 default (GGUF from PyPI), local HF directories and hub ids."""
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +63,17 @@ def converted_default_dir() -> Path:
     target = cache_root() / "models" / "SmolLM2-135M-Instruct"
     if (target / "config.json").exists():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # The policy and the evaluator actors start together on a fresh machine: one converts, the
+    # others wait for it and then load its copy.
+    with open(target.parent / ".convert.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "config.json").exists():
+            _convert_gguf(target)
+    return target
+
+
+def _convert_gguf(target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = gguf_location()
@@ -72,11 +85,12 @@ def converted_default_dir() -> Path:
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(gguf_model.state_dict())
-    tmp = target.with_name(target.name + ".partial")
+    tmp = target.with_name(f"{target.name}.partial-{os.getpid()}")
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if target.exists():   # a half-written copy left by a crash before this file had its lock
+        shutil.rmtree(target)
     tmp.replace(target)  # atomic: a crash never leaves a half-written model that looks complete
-    return target
 
 
 def resolve_model_path(spec: str) -> str:

@@ -45,13 +45,13 @@ def run(config_file, resume, overrides, no_progress, as_json):
     """
     from autoprune_ray.engine.config import load_config
     from autoprune_ray.engine.controller import RunExists
-    from autoprune_ray.engine.runner import run_search
+    from autoprune_ray.engine.runner import ActorsFailed, run_search
     from autoprune_ray.engine.storage import RunLocked
 
     cfg = load_config(config_file, parse_overrides(overrides))
     try:
         summary = run_search(cfg, resume=resume, progress=not no_progress)
-    except (RunExists, RunLocked) as exc:
+    except (RunExists, RunLocked, ActorsFailed) as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
         click.echo(json.dumps({k: v for k, v in summary.items() if k != "best_code"}, indent=2, default=str))

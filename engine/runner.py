@@ -64,6 +64,7 @@ class ActorPool:
         self.inflight: dict[ray.ObjectRef, Inflight] = {}
         self.idle = set()
         self.restarts = 0
+        self.dead: set[int] = set()   # evaluators whose constructor raised (Ray does not restart them)
         for i, actor in enumerate(self.evaluators):
             self.inflight[actor.ping.remote()] = Inflight("ping", i, time.time())
 
@@ -203,7 +204,14 @@ def _collect(search: Search, pool: ActorPool, ref, call: Inflight) -> int:
     return 1
 
 
+class ActorsFailed(RuntimeError):
+    """An actor's constructor raised. Ray does not restart such an actor, and without a policy or
+    any evaluator the run cannot go on."""
+
+
 def _actor_died(search: Search, pool: ActorPool, call: Inflight, exc) -> int:
+    if getattr(exc, "actor_init_failed", False):
+        return _cannot_start(search, pool, call, _last_line(exc))
     if call.kind == "generate":
         log.warning("policy actor died (%s); it restarts and the batch is asked again", type(exc).__name__)
         _serve_adapter(search, pool)   # the restarted actor starts from the base model
@@ -222,6 +230,25 @@ def _actor_died(search: Search, pool: ActorPool, call: Inflight, exc) -> int:
     pool.restarts += 1
     _ping_later(pool, call.worker)
     return 1 if call.kind == "eval" and call.payload.get("attempts", 0) >= MAX_ATTEMPTS else 0
+
+
+def _cannot_start(search: Search, pool: ActorPool, call: Inflight, reason: str) -> int:
+    if call.kind == "generate":
+        raise ActorsFailed(f"the policy actor failed to start: {reason}")
+    if call.kind == "eval":   # its job goes back to the queue for the evaluators that did start
+        search.dispatched -= 1
+        search.queue.appendleft({k: v for k, v in call.payload.items() if k != "proxy_cutoff"})
+    pool.dead.add(call.worker)
+    log.error("evaluator-%d failed to start: %s", call.worker, reason)
+    if len(pool.dead) == len(pool.evaluators):
+        raise ActorsFailed(f"every evaluator failed to start: {reason}")
+    return 0
+
+
+def _last_line(exc) -> str:
+    """The root error of a failed constructor (Ray's message ends with it)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(exc).__name__
 
 
 def _ping_later(pool: ActorPool, worker: int) -> None:

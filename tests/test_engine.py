@@ -401,3 +401,18 @@ def test_a_parser_fault_becomes_a_rejection_not_a_crash(ray_session, tmp_path, t
     assert len(faulted) and (faulted.status == "rejected").all()
     assert faulted.reason.str.contains("could not be parsed (RuntimeError: injected parser fault)",
                                        regex=False).all()
+
+
+def test_evaluators_that_cannot_start_end_the_run_with_one_clear_error(ray_session, tmp_path, tiny_model_dir,
+                                                                        corpus_file):
+    """Ray does not restart an actor whose constructor raised: the run says why and ends, keeping
+    what it recorded, instead of waiting forever on evaluators that will never answer."""
+    from autoprune_ray.engine.runner import ActorsFailed
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    cfg = make_config(tmp_path, tiny_model_dir, corpus_file, name="nostart")
+    cfg.target.model = str(empty)
+    with pytest.raises(ActorsFailed, match="every evaluator failed to start: .*config.json"):
+        run_search(cfg, progress=False)
+    cands, _ = tables(cfg)
+    assert len(cands) and (cands.operator == "seed").any(), "the seeds proposed before the failure are kept"

@@ -32,3 +32,4 @@ def test_wanda_beats_magnitude_at_half_sparsity(user_cache):
         assert result.sparsity == 0.5
         ppl[method] = perplexity(lm, data.evaluation, data.seqlen, progress=False)
     assert dense < ppl["wanda"] < ppl["magnitude"]
+
