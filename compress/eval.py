@@ -20,7 +20,7 @@ def perplexity(lm: LoadedModel, tokens: torch.Tensor, seqlen: int, batch_size: i
         raise ValueError(f"{tokens.shape[1]} evaluation tokens make no window of {seqlen}")
     windows = tokens[0, : n_windows * seqlen].view(n_windows, seqlen).to(lm.device)
     nll_sum, count = 0.0, 0
-    for batch in tqdm(windows.split(batch_size), desc="perplexity", disable=not progress, leave=False):
+    for batch in tqdm(windows.split(batch_size), desc="perplexity", disable=None if progress else True, leave=False):
         logits = lm.model(batch, use_cache=False).logits.float()
         loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                            batch[:, 1:].reshape(-1), reduction="sum")

@@ -229,7 +229,9 @@ def walk(lm: LoadedModel, windows: torch.Tensor, with_gram: bool = True, hook: B
     """Collect statistics for every block; with `hook`, prune sequentially (Wanda protocol)."""
     walker = BlockWalker(lm, windows, batch_size)
     inputs, all_stats = walker.inputs, []
-    for index, block in enumerate(tqdm(walker.layers, desc=progress, disable=progress is None, leave=False)):
+    # disable=None: a bar only on a terminal; an actor's stderr is a log file forwarded to the driver
+    bar = tqdm(walker.layers, desc=progress, disable=True if progress is None else None, leave=False)
+    for index, block in enumerate(bar):
         stats, outputs = collect_block_stats(walker, block, inputs, with_gram)
         if hook is not None:
             hook(index, block, stats, BlockContext(inputs, walker.kwargs, outputs, walker))

@@ -102,6 +102,7 @@ class PolicyConfig:
     scripted: list[str] = field(default_factory=list)   # scripted backend: fixed completions
     num_gpus: float = 0.0
     max_restarts: int = 3
+    grammar: bool = True             # constrain completions to the task's grammar where it has one
 
 
 @dataclass
@@ -110,7 +111,7 @@ class SearchConfig:
     population_size: int = 12         # per island
     elites: int = 2                   # per island, never dropped, they migrate
     migration_interval: int = 10      # evaluations between migrations
-    seeds: bool = True                # start from expert seeds; False: from scratch
+    seeds: bool | list[str] = True    # start from the task's expert seeds (or the ones named); False: from scratch
     operators: dict[str, float] = field(default_factory=lambda: {
         "llm_init": 0.15, "llm_mutate": 0.3, "llm_crossover": 0.1, "gcot": 0.15,
         "symbolic_mutate": 0.2, "symbolic_crossover": 0.1})
@@ -212,6 +213,11 @@ class RunConfig:
                "the scripted backend needs a list of completions")
         _check(self.policy.backend != "openai" or self.policy.base_url, "policy.base_url",
                "the openai backend needs base_url")
+        _check(isinstance(self.policy.grammar, bool), "policy.grammar", f"true or false, got {self.policy.grammar!r}")
+        if isinstance(self.search.seeds, list):
+            names = set(TASKS[self.task].seeds())
+            _check(set(self.search.seeds) <= names, "search.seeds",
+                   f"unknown seed(s) {sorted(set(self.search.seeds) - names)}: task {self.task} has {sorted(names)}")
         known = {"llm_init", "llm_mutate", "llm_crossover", "gcot", "symbolic_mutate", "symbolic_crossover"}
         unknown = set(self.search.operators) - known
         _check(not unknown, "search.operators", f"unknown operator(s) {sorted(unknown)}: use {sorted(known)}")

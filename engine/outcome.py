@@ -31,7 +31,7 @@ def run_outcome(run_dir: str | Path, summary: dict | None = None) -> dict:
                f"{len(ok)} programs measured of {len(cands)} proposed")
     return {"title": f"run {config['name']}: the best program beside {plugin.reference_seed or 'the seeds'}",
             "caption": caption, "columns": columns, "rows": rows,
-            "notes": _notes(summary, reference), "code": _found_code(cands, picked),
+            "notes": _notes(summary, reference, any(label == "best found" for label, _ in picked)), "code": _found_code(cands, picked),
             "next": _next_commands(str(run_dir), plugin, levels)}
 
 
@@ -86,8 +86,11 @@ def _found_code(cands: pd.DataFrame, picked) -> str:
     return f"# best found, #{int(found[0].candidate_id)}\n{code.rstrip()}"
 
 
-def _notes(summary: dict | None, reference) -> list[str]:
+def _notes(summary: dict | None, reference, found: bool) -> list[str]:
     notes = []
+    if not found:
+        notes.append("No program the search wrote itself was measured yet (each was rejected, screened or "
+                     "still queued): give it more time, e.g. configs/local.yaml, or --resume this run.")
     if reference is None:
         notes.append("The reference seed was not measured in this run (search.seeds: false, or it failed).")
     if summary:

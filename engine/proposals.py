@@ -76,9 +76,12 @@ class Proposals:
 
     # ------------------------------------------------------------------ scheduling
     def seed_population(self) -> None:
-        if not self.cfg.search.seeds:
+        wanted = self.cfg.search.seeds
+        if not wanted:
             return
-        for cand in self.task.seeds().values():
+        for name, cand in self.task.seeds().items():
+            if isinstance(wanted, list) and name not in wanted:
+                continue
             if self.unavailable_inputs(cand):
                 continue   # weight-gradient needs gradient statistics (target.gradients)
             self.propose(cand, source=cand.code, operator="seed", island=self.population.next_island(), parents=[])

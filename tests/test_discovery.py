@@ -198,6 +198,13 @@ def test_fitness_settings_are_checked():
         from_dict(RunConfig, {"target": {"val_tokens": 1024}, "fitness": {"tokens": 2048}}).validate()
 
 
+def test_a_run_may_name_the_seeds_it_starts_from():
+    cfg = from_dict(RunConfig, {"task": "joint", "search": {"seeds": ["uniform-wanda", "alpha-wanda"]}}).validate()
+    assert cfg.search.seeds == ["uniform-wanda", "alpha-wanda"]
+    with pytest.raises(ConfigError, match=r"search.seeds: unknown seed\(s\) \['wanda'\]: task joint has"):
+        from_dict(RunConfig, {"task": "joint", "search": {"seeds": ["wanda"]}}).validate()
+
+
 # ---------------------------------------------------------------- the held-out split stays sealed
 
 def test_a_search_evaluator_never_reads_the_held_out_split(monkeypatch, tmp_path, tiny_model_dir, corpus_file):

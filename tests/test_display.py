@@ -17,6 +17,8 @@ import yaml
 from rich.console import Console
 
 from autoprune_ray.engine.display import Display
+from autoprune_ray.engine.storage import RunStore
+from autoprune_ray.tasks import get_task
 from tests_support import make_config, scaled
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -66,8 +68,8 @@ def test_a_plain_display_writes_log_lines_and_no_bar(monkeypatch, capsys):
     assert re.fullmatch(r"\d{4}-\d\d-\d\d [\d:,]+ INFO autoprune_ray\.engine: candidate=0: ok\n", err), err
 
 
-def _config_file(tmp_path, tiny_model_dir, corpus_file, name: str):
-    cfg = make_config(tmp_path, tiny_model_dir, corpus_file, name=name, max_evaluations=6)
+def _config_file(tmp_path, tiny_model_dir, corpus_file, name: str, **search):
+    cfg = make_config(tmp_path, tiny_model_dir, corpus_file, name=name, max_evaluations=6, **search)
     data = cfg.to_dict() | {"ray": {"num_cpus": 2}}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -114,7 +116,7 @@ def test_a_live_run_in_a_terminal_is_clean_and_ends_with_the_table(tmp_path, tin
 
 
 def test_a_plain_run_gives_log_lines_and_the_table(tmp_path, tiny_model_dir, corpus_file):
-    config = _config_file(tmp_path, tiny_model_dir, corpus_file, "plain")
+    config = _config_file(tmp_path, tiny_model_dir, corpus_file, "plain", seeds=["wanda", "ria"])
     env = os.environ.copy()
     env.pop("RAY_AUTH_MODE", None)
     done = subprocess.run([sys.executable, "-m", "autoprune_ray.engine.cli", "run", str(config), "--no-progress"],
@@ -125,6 +127,9 @@ def test_a_plain_run_gives_log_lines_and_the_table(tmp_path, tiny_model_dir, cor
     assert not [line for line in lines if BAR in line or TQDM.search(line) or "\r" in line], lines
     assert not [line for line in lines if "Token authentication is enabled" in line]
     assert "reference" in done.stdout and "Next:" in done.stdout, done.stdout
+    cands = RunStore(tmp_path / "plain").read("candidates")
+    seeds = get_task("prune").seeds()
+    assert set(cands[cands.operator == "seed"].hash) == {seeds["wanda"].hash, seeds["ria"].hash}
 
 
 def test_actors_run_with_their_progress_bars_off():
@@ -144,3 +149,13 @@ def test_actors_run_with_their_progress_bars_off():
     finally:
         if started:
             ray.shutdown()
+
+
+def test_calibration_bars_stay_off_a_file(tiny_lm, tiny_data, capsys):
+    """An actor's stderr is a file that Ray forwards to the driver's terminal: a bar there is noise."""
+    from autoprune_ray.compress.eval import perplexity
+    from autoprune_ray.compress.stats import walk
+    walk(tiny_lm, tiny_data.calibration, with_gram=False, batch_size=2)
+    perplexity(tiny_lm, tiny_data.validation, tiny_data.seqlen)
+    err = capsys.readouterr().err
+    assert "calibration" not in err and "perplexity" not in err, err
