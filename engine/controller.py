@@ -136,6 +136,9 @@ class Search:
     def symbolic_child(self, op: str) -> None:
         self.proposals.symbolic_child(op)
 
+    def choose_symbolic(self) -> str | None:
+        return self.proposals.choose_symbolic()
+
     def build_prompt(self, op: str) -> tuple[str, int, list[int]]:
         return self.proposals.build_prompt(op)
 

@@ -102,6 +102,15 @@ class Proposals:
         except ValueError:   # llm_init has rate 0 and there are no parents yet
             return "llm_init", self.learning.temperatures()[0]
 
+    def choose_symbolic(self) -> str | None:
+        """A symbolic operator by the configured rates (None when the run has none): what an idle
+        evaluator gets while the policy is still writing, instead of waiting for it."""
+        ops = {k: v for k, v in self.cfg.search.operators.items() if v > 0 and k not in LLM_OPERATORS}
+        if not ops:
+            return None
+        op = self.rng.choices(list(ops), weights=list(ops.values()))[0]
+        return op if self.population.has_members() else "symbolic_init"
+
     # ------------------------------------------------------------------ symbolic operators
     def symbolic_child(self, op: str) -> None:
         island = self.population.next_island()

@@ -128,6 +128,8 @@ def _loop(search: Search, pool: ActorPool, display: Display) -> str:
         loop_start = time.perf_counter()
         if not generating and len(search.queue) < cfg.search.queue_size:
             generating = _request_generation(search, pool)
+        if generating:
+            _fill_idle(search, pool)
         _dispatch(search, pool)
         waiting = time.perf_counter()
         ready, _ = ray.wait(list(pool.inflight), num_returns=1, timeout=0.5) if pool.inflight else ([], [])
@@ -170,6 +172,16 @@ def _request_generation(search: Search, pool: ActorPool) -> bool:
     ref = pool.policy.generate.remote(meta["prompts"], search.rng.randrange(2 ** 31), meta["temperatures"])
     pool.inflight[ref] = Inflight("generate", None, time.time(), meta)
     return True
+
+
+def _fill_idle(search: Search, pool: ActorPool) -> None:
+    """While the policy writes (minutes on a CPU), idle evaluators get symbolic children rather
+    than wait; a rejected or duplicate child leaves the evaluator for the next loop turn."""
+    if search.queue or not pool.idle or search.dispatched >= search.cfg.search.max_evaluations:
+        return
+    op = search.choose_symbolic()
+    if op is not None:
+        search.symbolic_child(op)
 
 
 def _dispatch(search: Search, pool: ActorPool) -> None:

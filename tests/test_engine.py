@@ -416,3 +416,24 @@ def test_evaluators_that_cannot_start_end_the_run_with_one_clear_error(ray_sessi
         run_search(cfg, progress=False)
     cands, _ = tables(cfg)
     assert len(cands) and (cands.operator == "seed").any(), "the seeds proposed before the failure are kept"
+
+
+def test_idle_evaluators_get_symbolic_children_while_the_policy_writes():
+    """On a CPU the policy writes for minutes; an idle evaluator must not wait for it."""
+    from types import SimpleNamespace
+
+    from autoprune_ray.engine.runner import _fill_idle
+    proposed = []
+
+    def search(queue, dispatched=0, symbolic="symbolic_mutate"):
+        return SimpleNamespace(queue=list(queue), dispatched=dispatched,
+                               cfg=SimpleNamespace(search=SimpleNamespace(max_evaluations=8)),
+                               choose_symbolic=lambda: symbolic, symbolic_child=proposed.append)
+
+    _fill_idle(search([]), SimpleNamespace(idle={0}))
+    assert proposed == ["symbolic_mutate"]
+    _fill_idle(search(["queued job"]), SimpleNamespace(idle={0}))                 # it has work
+    _fill_idle(search([]), SimpleNamespace(idle=set()))                           # none idle
+    _fill_idle(search([], dispatched=8), SimpleNamespace(idle={0}))               # budget spent
+    _fill_idle(search([], symbolic=None), SimpleNamespace(idle={0}))              # no symbolic operators
+    assert proposed == ["symbolic_mutate"]
