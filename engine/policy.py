@@ -16,12 +16,13 @@ def backend_options(cfg: PolicyConfig) -> dict:
 
 
 class PolicyWorker:
-    """`system_prompt`: the run's task plug-in's (what kind of program the policy writes)."""
+    """`system_prompt`: the run's task plug-in's (what kind of program the policy writes);
+    `grammar`: its EBNF grammar that completions are constrained to (None: unconstrained)."""
 
-    def __init__(self, cfg: PolicyConfig, system_prompt: str | None = None):
+    def __init__(self, cfg: PolicyConfig, system_prompt: str | None = None, grammar: str | None = None):
         from autoprune_ray.llm.backends import make_backend
         self.cfg = cfg
-        self.backend = make_backend(cfg.backend, system_prompt=system_prompt, **backend_options(cfg))
+        self.backend = make_backend(cfg.backend, system_prompt=system_prompt, grammar=grammar, **backend_options(cfg))
 
     def generate(self, prompts: list[str], seed: int | None = None,
                  temperatures: list[float] | None = None) -> list[dict]:

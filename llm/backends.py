@@ -1,7 +1,8 @@
 """Policy backends: the LLM that writes candidate programs.
 
 Every backend turns a list of prompts into `n` completions per prompt, in prompt order, and can
-hot-load a LoRA adapter (the DPO-updated policy) labelled with a version string.
+hot-load a LoRA adapter (the DPO-updated policy) labelled with a version string. All but the
+scripted one can constrain completions to a grammar (`make_backend(..., grammar=EBNF)`).
 
     transformers  embedded default: SmolLM2-135M-Instruct (or any local/hub causal LM) on CPU/GPU
     vllm          `vllm.LLM` in-process, LoRA adapters served per request
@@ -13,11 +14,17 @@ from __future__ import annotations
 import abc
 import itertools
 import json
+import logging
 import os
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+
+from autoprune_ray.llm.grammar_backends import (HFGrammar, checked_grammar, refuses_grammar, vllm_sampling_params,
+                                                with_grammar)
+
+log = logging.getLogger("autoprune_ray.llm")
 
 # The default; a search serves its task plug-in's system prompt (make_backend(system_prompt=...)).
 SYSTEM_PROMPT = ("You write short Python functions for compressing neural networks. "
@@ -45,6 +52,10 @@ class PolicyBackend(abc.ABC):
     def generate(self, prompts: list[str], n: int = 1, temperature: float = 0.8, max_new_tokens: int = 256,
                  seed: int | None = None) -> list[Completion]:
         ...
+
+    def set_grammar(self, ebnf: str | None) -> None:
+        """Constrain completions to an EBNF grammar (None: unconstrained). A backend that cannot
+        constrain (scripted) ignores it; the parser judges every completion either way."""
 
     def load_adapter(self, path: str, version: str) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot load LoRA adapters; use the transformers, "
@@ -144,6 +155,7 @@ class TransformersBackend(PolicyBackend):
         self._torch = torch
         self._adapter_names: dict[str, str] = {}      # peft adapter name -> version label
         self._stop_ids = self._eos_ids()
+        self._grammar: HFGrammar | None = None
 
     def __repr__(self) -> str:
         return (f"TransformersBackend(model={self.model_name!r}, device={self.device!r}, "
@@ -155,6 +167,9 @@ class TransformersBackend(PolicyBackend):
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return ids
+
+    def set_grammar(self, ebnf: str | None) -> None:
+        self._grammar = HFGrammar.compile(ebnf, self.tokenizer, self.model.config.vocab_size, self._stop_ids)
 
     def generate(self, prompts, n=1, temperature=0.8, max_new_tokens=256, seed=None):
         _check_args(prompts, n, temperature, max_new_tokens)
@@ -172,9 +187,10 @@ class TransformersBackend(PolicyBackend):
             t0 = time.perf_counter()
             enc = self.tokenizer([text for _, text in batch], return_tensors="pt", padding=True,
                                  add_special_tokens=not with_template).to(self.device)
+            constrained = {"logits_processor": self._grammar.processors()} if self._grammar else {}
             with torch.inference_mode():
                 generated = self.model.generate(**enc, max_new_tokens=max_new_tokens,
-                                                pad_token_id=self.tokenizer.pad_token_id, **sampling)
+                                                pad_token_id=self.tokenizer.pad_token_id, **sampling, **constrained)
             new = generated[:, enc["input_ids"].shape[1]:].tolist()
             seconds = (time.perf_counter() - t0) / len(batch)
             for (index, _), ids in zip(batch, new):
@@ -235,15 +251,20 @@ class VLLMBackend(PolicyBackend):
         self.llm = vllm.LLM(model=resolve_model_path(model), enable_lora=enable_lora, max_lora_rank=max_lora_rank,
                             gpu_memory_utilization=gpu_memory_utilization, **llm_kwargs)
         self.tokenizer = self.llm.get_tokenizer()
+        self.grammar: str | None = None
         self._lora_request = None
         self._ids = itertools.count(1)
 
     def __repr__(self) -> str:
         return f"VLLMBackend(model={self.model_name!r}, adapter={self._adapter_version!r})"
 
+    def set_grammar(self, ebnf: str | None) -> None:
+        self.grammar = checked_grammar(ebnf)
+
     def generate(self, prompts, n=1, temperature=0.8, max_new_tokens=256, seed=None):
         _check_args(prompts, n, temperature, max_new_tokens)
-        params = self._SamplingParams(n=n, temperature=temperature, max_tokens=max_new_tokens, seed=seed)
+        params = vllm_sampling_params(self._SamplingParams, self.grammar, n=n, temperature=temperature,
+                                      max_tokens=max_new_tokens, seed=seed)
         texts = [apply_chat_template(self.tokenizer, p, self.system_prompt) for p in prompts]
         t0 = time.perf_counter()
         outputs = self.llm.generate(texts, params, lora_request=self._lora_request, use_tqdm=False)
@@ -259,6 +280,14 @@ class VLLMBackend(PolicyBackend):
 
 
 # ---------------------------------------------------------------- OpenAI-compatible HTTP
+
+class ServerError(RuntimeError):
+    """An HTTP error answer: its status and (the start of) its body."""
+
+    def __init__(self, message: str, status: int, detail: str):
+        super().__init__(message)
+        self.status, self.detail = status, detail
+
 
 class OpenAIBackend(PolicyBackend):
     """POST {base_url}/chat/completions (one request per prompt, `n` choices each).
@@ -282,6 +311,7 @@ class OpenAIBackend(PolicyBackend):
         self.api_key_env = api_key_env
         self.timeout = timeout
         self.runtime_lora = runtime_lora
+        self.grammar: str | None = None
 
     def __repr__(self) -> str:
         return (f"OpenAIBackend(base_url={self.base_url!r}, model={self.model!r}, "
@@ -299,9 +329,24 @@ class OpenAIBackend(PolicyBackend):
                 return response.read()
         except urllib.error.HTTPError as exc:
             detail = exc.read()[:300].decode(errors="replace")
-            raise RuntimeError(f"{self.base_url}/{route} answered HTTP {exc.code}: {detail}") from None
+            raise ServerError(f"{self.base_url}/{route} answered HTTP {exc.code}: {detail}", exc.code, detail) from None
         except (urllib.error.URLError, TimeoutError, OSError) as exc:
             raise RuntimeError(f"{self.base_url}/{route} is unreachable: {exc}") from None
+
+    def set_grammar(self, ebnf: str | None) -> None:
+        self.grammar = checked_grammar(ebnf)
+
+    def _chat(self, body: dict) -> bytes:
+        """POST chat/completions, constrained to the grammar while the server takes it: a server
+        that refuses the field (or the grammar) is told once in the log, then asked without."""
+        try:
+            return self._post("chat/completions", with_grammar(body, self.grammar))
+        except ServerError as exc:
+            if not (self.grammar and refuses_grammar(exc.status, exc.detail)):
+                raise
+            log.warning("%s refuses the grammar (%s): generating unconstrained", self.base_url, exc.detail[:200])
+            self.grammar = None
+            return self._post("chat/completions", body)
 
     def generate(self, prompts, n=1, temperature=0.8, max_new_tokens=256, seed=None):
         _check_args(prompts, n, temperature, max_new_tokens)
@@ -312,7 +357,7 @@ class OpenAIBackend(PolicyBackend):
             if seed is not None:
                 body["seed"] = seed
             t0 = time.perf_counter()
-            reply = json.loads(self._post("chat/completions", body))
+            reply = json.loads(self._chat(body))
             seconds = (time.perf_counter() - t0) / n
             choices = sorted(reply.get("choices", []), key=lambda c: c.get("index", 0))
             if len(choices) != n:
@@ -337,9 +382,12 @@ BACKENDS = {"transformers": TransformersBackend, "vllm": VLLMBackend, "openai": 
             "scripted": ScriptedBackend}
 
 
-def make_backend(kind: str, system_prompt: str | None = None, **options) -> PolicyBackend:
+def make_backend(kind: str, system_prompt: str | None = None, grammar: str | None = None,
+                 **options) -> PolicyBackend:
+    """`grammar`: an EBNF grammar (operators.grammar) that completions are constrained to."""
     if kind not in BACKENDS:
         raise ValueError(f"unknown policy backend {kind!r}; choose one of {', '.join(sorted(BACKENDS))}")
     backend = BACKENDS[kind](**options)
     backend.system_prompt = system_prompt or SYSTEM_PROMPT
+    backend.set_grammar(grammar)
     return backend

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pyarrow as pa
 
 from autoprune_ray.compress.fitness import DenseEvaluator
-from autoprune_ray.operators.language import Candidate
+from autoprune_ray.operators.grammar import grammar_for
+from autoprune_ray.operators.language import TASK_PARTS, Candidate
 from autoprune_ray.operators.prompts import TaskPrompts
 from autoprune_ray.operators.specs import LanguageSpec
 
@@ -28,6 +29,11 @@ class TaskPlugin:
     def seeds(self) -> dict[str, Candidate]:
         """The expert programs a search starts from (search.seeds: true)."""
         return {}
+
+    def grammar(self) -> str | None:
+        """The EBNF grammar (xgrammar's dialect) of this task's programs that a policy's completions
+        are constrained to, or None where its language has none."""
+        return grammar_for(TASK_PARTS[self.name])
 
     def validate(self, cfg) -> None:
         """Task-specific checks of a RunConfig; raise ValueError("key: message")."""
