@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -75,27 +76,32 @@ def screenshot(out: Path) -> None:
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 800})
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
         page.goto(DASHBOARD + "/#/actors")
-        box = page.locator("input[type=password], input[type=text]").first
-        if box.count():   # Ray's sign-in prompt for token authentication
-            box.fill(token())
-            page.keyboard.press("Enter")
+        prompt = page.get_by_role("dialog")   # Ray's prompt: "Authentication Token Required"
+        prompt.wait_for(timeout=30_000)
+        prompt.locator("input").first.fill(token())
+        page.keyboard.press("Enter")
+        page.wait_for_timeout(3000)
         page.goto(DASHBOARD + "/#/actors")
-        page.get_by_text("dashboard:evaluator-0").first.wait_for(timeout=60_000)
-        page.wait_for_timeout(2000)
+        page.wait_for_timeout(8000)
         page.screenshot(path=str(out))
+        text = page.inner_text("body")
         browser.close()
+    if "evaluator-0" not in text:
+        raise RuntimeError(f"the actors page does not name the evaluator; it shows: {text[:600]!r}")
 
 
 def main() -> int:
     work = Path("/tmp/autoprune-dashboard")
-    work.mkdir(exist_ok=True)
+    shutil.rmtree(work, ignore_errors=True)   # a fresh run each time
+    work.mkdir()
     run = start_search(work / "run")
     try:
         names = wait_for(lambda: [n for n in actor_names() if n.startswith("dashboard:")] or None, "the actors")
         print("actors:", names)
-        lines = wait_for(lambda: [x for x in metrics_lines() if "evaluated" in x] or None, "a first evaluation")
+        wait_for(lambda: any("evaluated" in x for x in metrics_lines()), "a first evaluation")
+        lines = metrics_lines()
         (ROOT / "docs").mkdir(exist_ok=True)
         (ROOT / "docs/metrics-sample.txt").write_text("\n".join(lines) + "\n")
         screenshot(ROOT / "docs/dashboard.png")

@@ -79,12 +79,11 @@ def _valid_rate(cands, path: Path) -> str:
         if group.empty:
             continue
         valid = (group.status != "rejected").astype(float).reset_index(drop=True)
-        window = max(1, len(valid) // 8)
-        ax.plot(range(1, len(valid) + 1), valid.rolling(window, min_periods=1).mean(), color=f"C{i}",
-                label=f"{name}: {int(valid.sum())} of {len(valid)} valid ({valid.mean():.0%}), rolling {window}")
+        ax.plot(range(1, len(valid) + 1), valid.expanding().mean(), color=f"C{i}",
+                label=f"{name}: {int(valid.sum())} of {len(valid)} valid ({valid.mean():.0%})")
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("proposals of that kind, in order")
-    ax.set_ylabel("valid rate (parsed and accepted)")
+    ax.set_ylabel("valid so far (parsed and accepted)")
     ax.set_title("Valid programs: LLM completions and symbolic operators")
     ax.legend(loc="lower right", fontsize=8)
     return _save(fig, path)

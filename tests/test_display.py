@@ -159,3 +159,18 @@ def test_calibration_bars_stay_off_a_file(tiny_lm, tiny_data, capsys):
     perplexity(tiny_lm, tiny_data.validation, tiny_data.seqlen)
     err = capsys.readouterr().err
     assert "calibration" not in err and "perplexity" not in err, err
+
+
+def test_the_ancestry_plot_holds_both_parents_of_a_crossover(tmp_path):
+    import pandas as pd
+
+    from autoprune_ray.engine.plots import ancestry, plots
+    cands = pd.DataFrame({"candidate_id": [0, 1, 2, 3, 4], "operator": ["seed", "seed", "symbolic_mutate",
+                                                                        "symbolic_crossover", "llm_mutate"],
+                          "parents": [[], [], [0], [2, 1], [3]], "hash": list("abcde"),
+                          "status": ["accepted"] * 5, "code": [""] * 5})
+    assert ancestry(cands, 4) == {4: 0, 3: 1, 2: 2, 1: 2, 0: 3}
+    evals = pd.DataFrame({"candidate_id": [0, 1, 2, 3, 4], "status": ["ok"] * 5, "fitness": [-1.0] * 5,
+                          "finished": range(5), "hash": list("abcde")})
+    assert plots(cands, evals, 4, {"a": "wanda"}, "KL", tmp_path) == ["best_fitness.png", "valid_rate.png",
+                                                                      "lineage.png"]
