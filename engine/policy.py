@@ -17,11 +17,15 @@ def backend_options(cfg: PolicyConfig) -> dict:
 
 class PolicyWorker:
     """`system_prompt`: the run's task plug-in's (what kind of program the policy writes);
-    `grammar`: its EBNF grammar that completions are constrained to (None: unconstrained)."""
+    `grammar_task`: the task whose grammar completions are constrained to (None: unconstrained).
+    The grammar is built here, not passed: at 100-250 KB it would travel through the object
+    store, and Ray cannot restart an actor whose constructor arguments were released there."""
 
-    def __init__(self, cfg: PolicyConfig, system_prompt: str | None = None, grammar: str | None = None):
+    def __init__(self, cfg: PolicyConfig, system_prompt: str | None = None, grammar_task: str | None = None):
         from autoprune_ray.llm.backends import make_backend
+        from autoprune_ray.tasks import get_task
         self.cfg = cfg
+        grammar = get_task(grammar_task).grammar() if grammar_task else None
         self.backend = make_backend(cfg.backend, system_prompt=system_prompt, grammar=grammar, **backend_options(cfg))
 
     def generate(self, prompts: list[str], seed: int | None = None,
