@@ -59,7 +59,7 @@ def _best_so_far(cands, evals, seed_names, measure, path: Path) -> str:
     ax.set_xlim(0.5, len(values) * 1.18 + 1)
     ax.set_xlabel("evaluations, in the order they finished")
     ax.set_ylabel(f"validation {measure} (lower is better)")
-    ax.set_title(f"Best program so far, against the expert seeds (dashed)")
+    ax.set_title("Best program so far, against the expert seeds (dashed)")
     ax.legend(loc="upper right", fontsize=7)
     return _save(fig, path)
 
