@@ -10,6 +10,7 @@ import pytest
 from autoprune_ray.tree.expr import to_string
 from autoprune_ray.operators.language import CandidateError, parse
 from hostile_programs import SENTINEL, TOLERATED, hostile_programs
+from tests_support import scaled
 
 CORPUS = hostile_programs()
 
@@ -40,7 +41,7 @@ def test_every_hostile_program_is_rejected_with_a_reason(nothing_may_run):
         with pytest.raises(CandidateError) as info:
             parse(program)
         assert str(info.value).strip(), f"empty reason for {program[:80]!r}"
-        if time.perf_counter() - start > 0.5:
+        if time.perf_counter() - start > scaled(0.5):   # stretched on a busy machine
             slow.append(program[:60])
     assert not slow, f"parsing took over 0.5 s: {slow}"
 
