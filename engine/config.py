@@ -131,6 +131,9 @@ class EvaluatorConfig:
     num: int = 1
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    # torch threads per evaluator; null: Ray's default, one per reserved CPU. On a small machine
+    # the policy is idle most of the time, so an evaluator may use the cores it does not reserve.
+    threads: int | None = None
     max_restarts: int = 3
     fault_injection: dict[str, str] = field(default_factory=dict)   # testing aid: see engine/evaluator.py
 
@@ -230,6 +233,8 @@ class RunConfig:
                "must lie between 0 and population_size")
         _check(self.search.eval_time_limit > 0, "search.eval_time_limit", "must be positive")
         _check(self.evaluators.num >= 1, "evaluators.num", "must be at least 1")
+        _check(self.evaluators.threads is None or self.evaluators.threads >= 1, "evaluators.threads",
+               "must be at least 1, or null for one per reserved CPU")
         self._validate_dpo()
         self._validate_ray()
         try:

@@ -31,7 +31,8 @@ class EvaluatorWorker:
     dense model before it returns."""
 
     def __init__(self, cfg: RunConfig, worker_id: int = 0):
-        torch.set_num_threads(max(1, int(os.environ.get("AUTOPRUNE_EVAL_THREADS", torch.get_num_threads()))))
+        threads = cfg.evaluators.threads or os.environ.get("AUTOPRUNE_EVAL_THREADS") or torch.get_num_threads()
+        torch.set_num_threads(max(1, int(threads)))
         self.cfg, self.task, self.worker_id = cfg, get_task(cfg.task), worker_id
         self.faults = cfg.evaluators.fault_injection or {}
         self.lm = load_model(cfg.target.model, device=cfg.target.device)

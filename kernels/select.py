@@ -33,6 +33,8 @@ def row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     Equal scores are pruned left to right, exactly as Wanda's `torch.sort(stable=True)` does,
     but in O(in) per row: the k-th value by selection, then the leftmost ties up to the count."""
     k, extra = row_split(score.shape[0], score.shape[1], sparsity)
+    if extra == 0:
+        return lowest_in_rows(score, k)
     return torch.cat([lowest_in_rows(score[:extra], k + 1), lowest_in_rows(score[extra:], k)])
 
 
@@ -41,6 +43,9 @@ def lowest_in_rows(score: torch.Tensor, k: int) -> torch.Tensor:
     if k == 0 or score.shape[0] == 0:
         return torch.zeros_like(score, dtype=torch.bool)
     kth = score.kthvalue(k, dim=1, keepdim=True).values
+    at_most = score <= kth
+    if int(at_most.sum()) == k * score.shape[0]:   # every row holds exactly k: no tie to break
+        return at_most
     below = score < kth
     ties = score == kth
     room = k - below.sum(dim=1, keepdim=True)

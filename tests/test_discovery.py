@@ -198,6 +198,22 @@ def test_fitness_settings_are_checked():
         from_dict(RunConfig, {"target": {"val_tokens": 1024}, "fitness": {"tokens": 2048}}).validate()
 
 
+def test_evaluator_threads_are_checked_and_set(tmp_path, tiny_model_dir, corpus_file):
+    from autoprune_ray.engine.evaluator import EvaluatorWorker
+    from tests_support import make_config
+
+    with pytest.raises(ConfigError, match="evaluators.threads: must be at least 1"):
+        from_dict(RunConfig, {"evaluators": {"threads": 0}}).validate()
+    before = torch.get_num_threads()
+    cfg = make_config(tmp_path, tiny_model_dir, corpus_file)
+    cfg.evaluators.threads = 1 if before > 1 else 2
+    try:
+        EvaluatorWorker(cfg.validate())
+        assert torch.get_num_threads() == cfg.evaluators.threads
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_run_may_name_the_seeds_it_starts_from():
     cfg = from_dict(RunConfig, {"task": "joint", "search": {"seeds": ["uniform-wanda", "alpha-wanda"]}}).validate()
     assert cfg.search.seeds == ["uniform-wanda", "alpha-wanda"]
