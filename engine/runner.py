@@ -294,7 +294,7 @@ def _maybe_train(search: Search, pool: ActorPool) -> None:
     job = search.next_dpo_round()
     d = search.cfg.dpo
     task = ray.remote(train_round).options(num_cpus=d.num_cpus, num_gpus=d.num_gpus, max_retries=0,
-                                           name=f"{search.cfg.name}:dpo-{job['version']}")
+                                           name=f"{search.cfg.name}:dpo-{job['version']}", runtime_env=QUIET_ACTORS)
     ref = task.remote(search.cfg.policy.model, job["pairs"], job["path"], job["config"], job["init_adapter"])
     pool.inflight[ref] = Inflight("dpo", None, time.time(), job)
     log.info("DPO round %s started on %d pairs", job["version"], len(job["pairs"]))

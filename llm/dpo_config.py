@@ -1,4 +1,6 @@
-"""The settings of one DPO round (a light module: run configs import it without torch)."""
+"""The settings of one DPO round (a light module: run configs import it without torch).
+
+llm/dpo.py maps them onto TRL's own `trl.DPOConfig` (imported there as TRLConfig)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

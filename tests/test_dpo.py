@@ -1,5 +1,6 @@
-"""Preference pairs from run tables, the DPO loss against hand-computed values, and a LoRA
-adapter trained on a tiny model that the policy backend then hot-loads."""
+"""Preference pairs from run tables, DPO rounds through TRL's DPOTrainer on a tiny model (the
+loss and reference checked against log-probabilities from a plain forward pass), and the adapter
+that the policy backend then hot-loads."""
 import json
 import math
 
@@ -7,19 +8,32 @@ import pandas as pd
 import pytest
 import torch
 
-from autoprune_ray.llm.dpo import DPOConfig, completion_logps, dpo_loss, train_dpo
+from autoprune_ray.llm.dpo import DPOConfig, train_dpo
 from autoprune_ray.llm.preferences import preference_pairs
 
+PAIRS = pd.DataFrame({"prompt": ["write a metric"] * 4 + ["improve it"] * 2,
+                      "chosen": [" abs W times A"] * 6, "rejected": [" import os"] * 6})
+# A chat template, so that the prompt TRL trains on must be the templated one the policy is given
+TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}[assistant]{% endif %}")
 
-def test_dpo_loss_matches_hand_computed_values():
-    # rewards: chosen 0.5·(−1 − −1.5) = 0.25, rejected 0.5·(−2 − −1.5) = −0.25; loss = log(1 + e^−0.5)
-    loss, chosen, rejected = dpo_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-1.5]),
-                                      torch.tensor([-1.5]), beta=0.5)
-    assert chosen.item() == pytest.approx(0.25) and rejected.item() == pytest.approx(-0.25)
-    assert loss.item() == pytest.approx(math.log(1 + math.exp(-0.5)))
-    # equal policy and reference: loss log 2, whatever the log-probabilities
-    same = torch.tensor([-3.0, -7.0])
-    assert dpo_loss(same, same + 1, same, same + 1, beta=0.1)[0].item() == pytest.approx(math.log(2))
+
+def logp(model, tokenizer, prompt: str, completion: str, system: str = DPOConfig.system_prompt) -> float:
+    """log π(completion, eos | prompt), the prompt tokenized as the policy backend does: an
+    independent check on what TRL computes."""
+    from autoprune_ray.llm.backends import apply_chat_template
+    templated = apply_chat_template(tokenizer, prompt, system)
+    p = tokenizer(templated, add_special_tokens=not tokenizer.chat_template).input_ids
+    c = tokenizer(completion, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    with torch.no_grad():
+        logps = torch.log_softmax(model(torch.tensor([p + c])).logits[0].float(), -1)
+    return sum(logps[len(p) + i - 1, tok].item() for i, tok in enumerate(c))
+
+
+def margin(model, tokenizer, pairs: pd.DataFrame) -> float:
+    """Mean of log π(chosen) − log π(rejected) over the pairs."""
+    return sum(logp(model, tokenizer, r.prompt, r.chosen) - logp(model, tokenizer, r.prompt, r.rejected)
+               for r in pairs.itertuples()) / len(pairs)
 
 
 def tables():
@@ -67,41 +81,64 @@ def tiny(tiny_model_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer
 
 
-def test_completion_logps_equal_an_explicit_token_by_token_sum(tiny):
+def with_adapter(model_dir, adapter):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(adapter)).eval()
+
+
+def test_one_trl_round_raises_the_chosen_over_rejected_margin(tiny, tiny_model_dir, tmp_path):
     model, tokenizer = tiny
-    prompt, completion = "the cat sat", " on her"
-    got = completion_logps(model, tokenizer, [prompt, "a"], [completion, " b c d e f"])[0]
-    p = tokenizer(prompt).input_ids
-    c = tokenizer(completion, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    ids = torch.tensor([p + c])
-    with torch.no_grad():
-        logp = torch.log_softmax(model(ids).logits[0].float(), -1)
-    expected = sum(logp[len(p) + i - 1, tok] for i, tok in enumerate(c))
-    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    tokenizer.chat_template = TEMPLATE
+    before = margin(model, tokenizer, PAIRS)
+    seen = []
+    cfg = DPOConfig(beta=0.5, lr=5e-3, epochs=2, batch_size=3, lora_r=4, holdout=0.0)
+    metrics = train_dpo(model, tokenizer, PAIRS, tmp_path / "v1", cfg, on_step=seen.append)
+    after = margin(with_adapter(tiny_model_dir, tmp_path / "v1"), tokenizer, PAIRS)
+    assert after > before + 0.5, (before, after)
+    assert metrics["steps"][0]["loss"] == pytest.approx(math.log(2), abs=1e-4)   # the adapter starts as a no-op
+    assert seen == metrics["steps"] and [s["epoch"] for s in seen] == [0, 0, 1, 1]   # 6 pairs, batches of 3
+    saved = json.loads((tmp_path / "v1" / "metrics.json").read_text())
+    assert saved == metrics and saved["train_pairs"] == 6 and saved["held_out"] == {"pairs": 0}
+    assert set(saved) == {"config", "train_pairs", "steps", "train", "held_out_before", "held_out",
+                          "initial_loss", "init_adapter"}
+    assert set(saved["train"]) == {"pairs", "loss", "reward_accuracy", "reward_margin"}
+    assert (tmp_path / "v1" / "adapter_config.json").exists()
 
 
 def test_training_prefers_chosen_and_the_adapter_hot_loads(tiny, tiny_model_dir, tmp_path):
     from autoprune_ray.llm.backends import TransformersBackend
     model, tokenizer = tiny
-    pairs = pd.DataFrame({"prompt": ["write a metric"] * 4 + ["improve it"] * 2,
-                          "chosen": [" abs W times A"] * 6, "rejected": [" import os"] * 6})
-    cfg = DPOConfig(beta=0.5, lr=5e-3, epochs=8, batch_size=3, lora_r=4, holdout=0.0, target_modules=("q_proj", "v_proj", "down_proj"))
-    metrics = train_dpo(model, tokenizer, pairs, tmp_path / "v1", cfg)
-    assert metrics["steps"][0]["loss"] == pytest.approx(math.log(2), abs=1e-4)   # adapter starts as a no-op
+    cfg = DPOConfig(beta=0.5, lr=5e-3, epochs=8, batch_size=3, lora_r=4, holdout=0.0,
+                    target_modules=("q_proj", "v_proj", "down_proj"))
+    metrics = train_dpo(model, tokenizer, PAIRS, tmp_path / "v1", cfg)
     assert metrics["train"]["loss"] < 0.5 * math.log(2) and metrics["train"]["reward_accuracy"] == 1.0
-    assert json.loads((tmp_path / "v1" / "metrics.json").read_text())["train_pairs"] == 6
     backend = TransformersBackend(str(tiny_model_dir), device="cpu")
-    margin = lambda: (completion_logps(backend.model, backend.tokenizer, ["write a metric"] * 2,  # noqa: E731
-                                       [" abs W times A", " import os"]) @ torch.tensor([1.0, -1.0])).item()
-    base, base_margin = completion_logps(backend.model, backend.tokenizer, ["write a metric"], [" abs W times A"]), margin()
-    greedy = lambda: backend.generate(["write a metric"], n=1, temperature=0, max_new_tokens=8)[0]  # noqa: E731
+    prompt = "write a metric"
+    base, base_margin = logp(backend.model, backend.tokenizer, prompt, " abs W times A"), margin(
+        backend.model, backend.tokenizer, PAIRS)
+    greedy = lambda: backend.generate([prompt], n=1, temperature=0, max_new_tokens=8)[0]  # noqa: E731
     before = greedy()
     backend.load_adapter(tmp_path / "v1", "dpo-1")
-    tuned = completion_logps(backend.model, backend.tokenizer, ["write a metric"], [" abs W times A"])
-    assert tuned.item() > base.item() and backend.adapter_version == "dpo-1"
-    assert margin() > base_margin + 1.0      # log π(chosen) − log π(rejected) moved the right way
+    assert logp(backend.model, backend.tokenizer, prompt, " abs W times A") > base
+    assert backend.adapter_version == "dpo-1"
+    assert margin(backend.model, backend.tokenizer, PAIRS) > base_margin + 1.0   # moved the right way
     after = greedy()   # hot-loading changes what the policy writes, and labels it
     assert after.text != before.text and (before.adapter, after.adapter) == (None, "dpo-1")
+
+
+def test_bad_rounds_are_refused_and_leave_nothing(tiny, tmp_path):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="no preference pairs"):
+        train_dpo(model, tokenizer, PAIRS.iloc[:0], tmp_path / "v1", DPOConfig())
+    with pytest.raises(ValueError, match="base or previous"):
+        train_dpo(model, tokenizer, PAIRS, tmp_path / "v1", DPOConfig(reference="latest"))
+
+    def interrupted(step):
+        raise RuntimeError("stopped mid-round")
+    with pytest.raises(RuntimeError, match="mid-round"):
+        train_dpo(model, tokenizer, PAIRS, tmp_path / "v1", DPOConfig(lora_r=4, holdout=0.0), on_step=interrupted)
+    assert list(tmp_path.iterdir()) == []          # no adapter, no .partial
 
 
 # ---------------------------------------------------------------- the incremental pair log
@@ -184,28 +221,48 @@ def test_strategy_controller_bradley_terry_step_and_switch():
 # ---------------------------------------------------------------- reference model and rounds
 
 def test_reference_is_the_frozen_base_or_the_previous_adapter(tiny_model_dir, tmp_path):
+    """Round 2 continues from v1. Its held-out metrics before the first step are TRL's DPO loss
+    and rewards against the chosen reference, here recomputed from plain forward passes."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from autoprune_ray.llm.dpo import _reference_logps, _with_adapter
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = TEMPLATE
     fresh = lambda: AutoModelForCausalLM.from_pretrained(tiny_model_dir)  # noqa: E731
-    pairs = pd.DataFrame({"prompt": ["write a metric"] * 3, "chosen": [" abs W times A"] * 3,
-                          "rejected": [" import os"] * 3})
     cfg = DPOConfig(beta=0.5, lr=5e-3, epochs=4, batch_size=3, lora_r=4, holdout=0.0)
-    train_dpo(fresh(), tokenizer, pairs, tmp_path / "v1", cfg)
-    with torch.no_grad():
-        base = completion_logps(fresh(), tokenizer, list(pairs.prompt), list(pairs.chosen))
-    continued = _with_adapter(fresh(), cfg, tmp_path / "v1")
-    with torch.no_grad():
-        adapted = completion_logps(continued, tokenizer, list(pairs.prompt), list(pairs.chosen))
-    assert adapted[0].item() > base[0].item() + 1e-3        # v1 really moved the policy
-    ref_base = _reference_logps(continued, tokenizer, pairs, cfg)[0]
-    ref_prev = _reference_logps(continued, tokenizer, pairs, DPOConfig(**{**cfg.__dict__, "reference": "previous"}))[0]
-    assert torch.allclose(ref_base, base, atol=1e-5) and torch.allclose(ref_prev, adapted, atol=1e-5)
-    # round 2 continues from v1: against the previous adapter its first loss is log 2, against the base not
-    m_prev = train_dpo(fresh(), tokenizer, pairs, tmp_path / "v2", DPOConfig(**{**cfg.__dict__, "reference": "previous"}),
-                       init_adapter=tmp_path / "v1")
-    m_base = train_dpo(fresh(), tokenizer, pairs, tmp_path / "v2b", cfg, init_adapter=tmp_path / "v1")
+    train_dpo(fresh(), tokenizer, PAIRS, tmp_path / "v1", cfg)
+    base, v1 = fresh().eval(), with_adapter(tiny_model_dir, tmp_path / "v1")
+    held = DPOConfig(**{**cfg.__dict__, "holdout": 0.5})
+    previous = DPOConfig(**{**held.__dict__, "reference": "previous"})
+    m_prev = train_dpo(fresh(), tokenizer, PAIRS, tmp_path / "v2", previous, init_adapter=tmp_path / "v1")
+    m_base = train_dpo(fresh(), tokenizer, PAIRS, tmp_path / "v2b", held, init_adapter=tmp_path / "v1")
+    # against the previous adapter, the policy starts equal to its reference: loss log 2, margin 0
+    assert m_prev["held_out_before"]["pairs"] == 3 and m_prev["init_adapter"] == str(tmp_path / "v1")
+    assert m_prev["held_out_before"]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert m_prev["held_out_before"]["reward_margin"] == pytest.approx(0.0, abs=1e-5)
     assert m_prev["steps"][0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    # against the base, the policy starts as v1: β[(log π_v1 − log π_base)(chosen) − (same)(rejected)]
+    heldout = PAIRS.sample(frac=1.0, random_state=held.seed).iloc[:3]   # train_dpo's split
+    rewards = [held.beta * ((logp(v1, tokenizer, r.prompt, r.chosen) - logp(base, tokenizer, r.prompt, r.chosen))
+                            - (logp(v1, tokenizer, r.prompt, r.rejected) - logp(base, tokenizer, r.prompt, r.rejected)))
+               for r in heldout.itertuples()]
+    assert rewards[0] > 1e-3                                    # v1 really moved the policy
+    expected_loss = sum(-torch.nn.functional.logsigmoid(torch.tensor(x)).item() for x in rewards) / 3
+    assert m_base["held_out_before"]["loss"] == pytest.approx(expected_loss, rel=1e-4)
+    assert m_base["held_out_before"]["reward_margin"] == pytest.approx(sum(rewards) / 3, rel=1e-4)
     assert m_base["steps"][0]["loss"] < math.log(2) - 1e-3
     assert not list(tmp_path.glob(".*partial"))   # adapters appear whole
+
+
+def test_the_prompt_tokens_are_the_policys_when_the_tokenizer_adds_a_bos(tiny_model_dir):
+    """The policy tokenizes a templated prompt without special tokens, TRL with them: a BOS that
+    both the template and the tokenizer write must appear once."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    from autoprune_ray.llm.backends import apply_chat_template
+    from autoprune_ray.llm.dpo import policy_prompt
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir, bos_token="<eos>")
+    tokenizer._tokenizer.post_processor = TemplateProcessing(single="<eos> $A", special_tokens=[("<eos>", 0)])
+    tokenizer.chat_template = "{{ bos_token }}" + TEMPLATE
+    assert tokenizer("x").input_ids[0] == tokenizer.bos_token_id == 0
+    seen_by_policy = tokenizer(apply_chat_template(tokenizer, "write a metric", "sys"), add_special_tokens=False)
+    assert tokenizer(policy_prompt(tokenizer, "write a metric", "sys")).input_ids == seen_by_policy.input_ids
