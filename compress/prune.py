@@ -20,7 +20,7 @@ from .data import TokenData
 from .masks import check_sparsity, parse_pattern, select_mask
 from .models import LoadedModel, block_linears, decoder_layers
 from .scores import SCORES
-from .program import program_mask, score_inputs, uses_input
+from .program import program_mask, program_score, score_inputs, uses_input
 from .sparsegpt import sparsegpt_prune
 from .stats import BlockContext, BlockStats, CalibrationStats, calibration_stats
 
@@ -135,12 +135,13 @@ class BlockPruner:
     computes the masks (into result.masks) and leaves the weights alone."""
 
     def __init__(self, cfg: PruneConfig, result: PruneResult,
-                 grad_rms: list[dict[str, torch.Tensor]] | None = None, apply: bool = True):
+                 grad_rms: list[dict[str, torch.Tensor]] | None = None, apply: bool = True,
+                 score_cache: dict | None = None):
         if not apply and cfg.method in ("sparsegpt", "barber"):
             raise ValueError(f"{cfg.method} changes the weights while it prunes: it cannot give masks alone")
         self.cfg, self.result = cfg, result
         self.targets, self.n_blocks = result.layer_targets, len(result.block_targets)
-        self.grad_rms, self.apply = grad_rms, apply
+        self.grad_rms, self.apply, self.score_cache = grad_rms, apply, score_cache
         self.signature = json.dumps(asdict(cfg), sort_keys=True, default=str) + json.dumps(self.targets)
 
     def __call__(self, index: int, block: nn.Module, stats: BlockStats | None,
@@ -164,14 +165,22 @@ class BlockPruner:
 
     def _score_mask(self, index, name, weight, stats, sparsity):
         if self.cfg.method == "program":
-            grad = self.grad_rms[index][name] if self.grad_rms else None
-            env = score_inputs(weight.data, stats[name], grad, allocation.layer_depth(index, self.n_blocks))
-            return program_mask(self.cfg.program, env, sparsity, self.cfg.nm, self.cfg.granularity,
-                                self.cfg.kernel_backend)
+            return self._program_mask(index, name, weight, stats, sparsity)
         method = "wanda" if self.cfg.method == "barber" else self.cfg.method
         score = SCORES[method](weight.data, stats[name] if stats is not None else None)
         granularity = "layer" if method == "magnitude" else "row"
         return select_mask(score, sparsity, self.cfg.nm, granularity)
+
+    def _program_mask(self, index, name, weight, stats, sparsity):
+        grad = self.grad_rms[index][name] if self.grad_rms else None
+        env = score_inputs(weight.data, stats[name], grad, allocation.layer_depth(index, self.n_blocks))
+        # On a GPU the fused kernel scores and selects at once, faster than reading a cache.
+        if self.score_cache is None or weight.is_cuda or self.cfg.kernel_backend == "triton":
+            return program_mask(self.cfg.program, env, sparsity, self.cfg.nm, self.cfg.granularity,
+                                self.cfg.kernel_backend)
+        if (index, name) not in self.score_cache:
+            self.score_cache[(index, name)] = program_score(self.cfg.program, env)
+        return select_mask(self.score_cache[(index, name)], sparsity, self.cfg.nm, self.cfg.granularity)
 
     def _sparsegpt(self, linears, stats, sparsity):
         masks = {}
@@ -280,12 +289,15 @@ def program_gradients(lm: LoadedModel, data: TokenData, cfg: PruneConfig,
 
 
 def prune_model(lm: LoadedModel, data: TokenData | None, cfg: PruneConfig, stats: CalibrationStats | None = None,
-                apply: bool = True, allocation_cache: dict | None = None) -> PruneResult:
+                apply: bool = True, allocation_cache: dict | None = None,
+                score_cache: dict | None = None) -> PruneResult:
     """Prune `lm` in place. Magnitude needs no data; every other method calibrates on `data`.
 
     `stats`: cached one-pass statistics of the dense model, used in mode one-pass instead of a new
     calibration pass. apply=False computes the masks into result.masks and leaves the weights dense.
-    `allocation_cache`: see sparsity_targets (a caller pruning the same dense model many times)."""
+    `allocation_cache`: see sparsity_targets (a caller pruning the same dense model many times).
+    `score_cache`: a program's per-linear scores, kept for a call at another sparsity with the same
+    program, dense weights and statistics (CPU only; a GPU scores and selects in one kernel)."""
     cfg.validate()
     check_widths(lm.model, cfg.nm)
     if cfg.method != "magnitude" and data is None and stats is None:
@@ -293,7 +305,7 @@ def prune_model(lm: LoadedModel, data: TokenData | None, cfg: PruneConfig, stats
     start = time.perf_counter()
     blocks, layers = sparsity_targets(lm, data, cfg, stats, allocation_cache)
     result = PruneResult(cfg, blocks, layers)
-    pruner = BlockPruner(cfg, result, program_gradients(lm, data, cfg, stats), apply)
+    pruner = BlockPruner(cfg, result, program_gradients(lm, data, cfg, stats), apply, score_cache)
     if cfg.method == "magnitude":
         for index, block in enumerate(decoder_layers(lm.model)):
             pruner(index, block, None)

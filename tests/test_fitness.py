@@ -28,6 +28,24 @@ def test_program_fitness_matches_pruning_the_model(tiny_lm, tiny_data, tiny_mode
     assert perplexity(tiny_lm, tiny_data.validation, tiny_data.seqlen, progress=False) == dense_ppl
 
 
+@pytest.mark.parametrize("stride", [1, 4])
+def test_the_proxy_is_the_mean_relative_error_over_the_rows_it_reads(tiny_lm, tiny_data, stride):
+    """Hand computation: for each linear, Σ over rows r ≡ 0 (mod stride) of ΔW_r G ΔW_rᵀ, over
+    the same sum for W; the proxy is the mean of these ratios over the linears."""
+    evaluator = PruneEvaluator(tiny_lm, tiny_data, proxy_row_stride=stride)
+    screened = evaluator.screen(program(score_seeds()["wanda"].tree))
+    ratios = []
+    for (index, name), mask in screened.value.items():
+        w = evaluator.dense[index][name].double()
+        gram = evaluator.stats.blocks[index][name].gram.double()
+        pruned = w * mask
+        rows = [r for r in range(w.shape[0]) if r % stride == 0]
+        err = sum(float(pruned[r] @ gram @ pruned[r]) for r in rows)
+        base = sum(float(w[r] @ gram @ w[r]) for r in rows)
+        ratios.append(err / base)
+    assert screened.proxy == pytest.approx(sum(ratios) / len(ratios), rel=1e-4)
+
+
 def test_proxy_ranks_wanda_above_random_scores(tiny_lm, tiny_data):
     from autoprune_ray.operators.language import parse
     evaluator = PruneEvaluator(tiny_lm, tiny_data)
@@ -81,3 +99,25 @@ def test_allocation_program_screens_through_the_pruning_driver(tiny_lm, tiny_dat
         masks = [m for (i, _), m in screened.value.items() if i == index]
         share = sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
         assert share == pytest.approx(target, abs=0.02)
+
+
+def test_the_levels_of_one_program_share_its_scores_and_get_the_masks_of_separate_screens(tiny_lm, tiny_data,
+                                                                                           monkeypatch):
+    from autoprune_ray.compress import prune
+    evaluator = PruneEvaluator(tiny_lm, tiny_data)
+    tree = score_seeds()["wanda"].tree
+    configs = [program(tree, sparsity) for sparsity in (0.4, 0.6)]
+    separate = [evaluator.screen(config) for config in configs]
+    calls = []
+    monkeypatch.setattr(prune, "program_score", lambda t, env: calls.append(1) or prune_program_score(t, env))
+    shared = evaluator.screen_levels(configs)
+    assert len(calls) == len(separate[0].value)      # one score per linear, not one per level
+    for level, alone in zip(shared.value, separate):
+        assert level.keys() == alone.value.keys()
+        assert all(torch.equal(level[key], alone.value[key]) for key in level)
+    assert shared.proxy == pytest.approx(sum(s.proxy for s in separate) / 2)
+
+
+def prune_program_score(tree, env):
+    from autoprune_ray.compress.program import program_score
+    return program_score(tree, env)
