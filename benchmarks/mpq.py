@@ -7,7 +7,9 @@ best a search discovered, and the expert seeds written in the candidate language
 A budget counts each group's fp16 scale and zero, and equals exactly what uniform 3-bit (4-bit)
 costs the model: 3.27 (4.27) bits per weight on SmolLM2, whose 576-wide layers hold 4.5 groups of
 128. Every method's sensitivity table is computed once on the dense
-model and allocated (exact ILP) at each budget; rounding is RTN unless --quantizer gptq. Each
+model and allocated (exact ILP) at each budget; rounding is RTN unless --quantizer gptq, which here
+runs on the dense model's one-pass Gram matrices (as a search's fitness does; `quantize` defaults
+to GPTQ's sequential protocol, see benchmarks/results/gptq-check.json). Each
 table's rank correlation with the measured per-layer sensitivity (held-out NLL increase with one
 layer at --measure-bits, the rest dense) is recorded too. Writes benchmarks/results/mpq-<protocol>.json.
 """
@@ -108,7 +110,7 @@ def main(protocol_name, budgets, program, seeds, quantizer, measure_layers, meas
                       if not wanted or any(label.startswith(w) for w in wanted)]
     for label, spec in chosen_methods:
         code = spec.pop("code", None)
-        cfg = QuantConfig(group_size=128, quantizer=quantizer, **spec).validate()
+        cfg = QuantConfig(group_size=128, quantizer=quantizer, gptq_mode="one-pass", **spec).validate()
         t0 = time.time()
         table = sensitivity_table(lm, data, cfg, layers, stats)
         seconds = time.time() - t0
@@ -132,6 +134,7 @@ def main(protocol_name, budgets, program, seeds, quantizer, measure_layers, meas
         rows = merged_rows(previous["rows"], rows)
     out.write_text(json.dumps({
         "model": lm.name, "protocol": data.describe(), "group_size": 128, "quantizer": quantizer,
+        "gptq_mode": "one-pass" if quantizer == "gptq" else None,
         "dense_perplexity": dense_ppl, "measured": {"layers": [layers[i].key for i in sample], "bits": measure_bits,
                                                     "tokens": measure_tokens, "nll_increase": measured},
         "rows": rows, "seconds": time.time() - start, "torch": torch.__version__,

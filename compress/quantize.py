@@ -7,7 +7,9 @@ average-bits budget, then per-layer fake quantization (RTN or GPTQ), in place.
 The budget counts each group's fp16 scale and zero (compress.bits): at group size 128, uniform
 3-bit weights cost 3.25 bits (more where 128 does not divide a width); `as_uniform=3` sets the
 budget to exactly what uniform 3-bit costs the model. Methods: uniform, hawq (gram | hutchinson), aptq, program (a TAP
-proxy in the candidate language). See compress.sensitivity for what each one measures.
+proxy in the candidate language). See compress.sensitivity for what each one measures. GPTQ runs
+its own sequential protocol by default (block by block, each block calibrated on the quantized
+blocks' outputs); `gptq_mode="one-pass"` uses the dense model's cached Gram matrices instead.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from fractions import Fraction
 
 import numpy as np
 import torch
+from torch import nn
 
 from autoprune_ray.tree.expr import Node, call, inp
 from autoprune_ray.kernels.quant import check_bits, check_group_size, fake_quantize
@@ -24,10 +27,10 @@ from autoprune_ray.kernels.quant import check_bits, check_group_size, fake_quant
 from . import bits as bitalloc
 from .data import TokenData
 from .gptq import gptq_quantize
-from .models import LoadedModel
+from .models import LoadedModel, block_linears
 from .sensitivity import (QuantLayer, aptq_sensitivity, hawq_sensitivity, hutchinson_traces, program_sensitivity,
                           quant_layers)
-from .stats import CalibrationStats, calibration_stats
+from .stats import BlockContext, BlockStats, CalibrationStats, calibration_stats
 
 METHODS = ("uniform", "hawq", "aptq", "program")
 # HAWQ with X Xᵀ for the Hessian, Tr(H)/n · ||Q(W) − W||², as an expression tree: the canonical form
@@ -35,6 +38,7 @@ METHODS = ("uniform", "hawq", "aptq", "program")
 HAWQ_GRAM = call("mul", call("mean_row", inp("H")), call("sum_row", call("sum_col", call("square", inp("E")))))
 HESSIANS = ("gram", "hutchinson")
 QUANTIZERS = ("rtn", "gptq")
+GPTQ_MODES = ("sequential", "one-pass")
 
 
 @dataclass
@@ -45,7 +49,7 @@ class QuantConfig:
     group_size: int = 128
     choices: tuple[int, ...] = (2, 3, 4, 8)
     allocator: str = "ilp"                  # ilp (exact, scipy milp) or greedy
-    quantizer: str = "rtn"                  # rtn, or gptq on the dense model's Gram matrices
+    quantizer: str = "rtn"                  # rtn, or gptq
     hessian: str = "gram"                   # hawq: gram (X Xᵀ) or hutchinson (LM-loss Hessian)
     hutchinson_windows: int = 4
     hutchinson_probes: int = 2
@@ -53,11 +57,15 @@ class QuantConfig:
     program: Node | None = None             # method program: a sensitivity tree (task mpq)
     gptq_damp: float = 0.01
     gptq_blocksize: int = 128
+    # sequential: GPTQ's own protocol, each block calibrated on the outputs of the blocks already
+    # quantized; one-pass: the dense model's cached Gram matrices (what a search's fitness uses)
+    gptq_mode: str = "sequential"
 
     def validate(self) -> "QuantConfig":
         _choose("method", self.method, METHODS)
         _choose("hessian", self.hessian, HESSIANS)
         _choose("quantizer", self.quantizer, QUANTIZERS)
+        _choose("gptq_mode", self.gptq_mode, GPTQ_MODES)
         _choose("allocator", self.allocator, bitalloc.METHODS)
         check_group_size(self.group_size)
         for b in self.choices:
@@ -72,10 +80,14 @@ class QuantConfig:
 
     @property
     def needs_statistics(self) -> bool:
-        """Gram matrices feed GPTQ and the program/Gram-HAWQ tables; APTQ-style and Hutchinson
-        measure on the model itself, and uniform RTN needs nothing."""
-        return self.quantizer == "gptq" or self.method == "program" or (self.method == "hawq" and
-                                                                        self.hessian == "gram")
+        """The dense one-pass Gram matrices feed one-pass GPTQ and the program/Gram-HAWQ tables;
+        APTQ-style and Hutchinson measure on the model itself, sequential GPTQ collects its own,
+        and uniform RTN needs nothing."""
+        return self.one_pass_gptq or self.method == "program" or (self.method == "hawq" and self.hessian == "gram")
+
+    @property
+    def one_pass_gptq(self) -> bool:
+        return self.quantizer == "gptq" and self.gptq_mode == "one-pass"
 
     def budget(self, sizes: list[bitalloc.LayerSize]) -> float | Fraction:
         """Average bits allowed. A width the group size does not divide costs more scales (SmolLM2's
@@ -90,7 +102,9 @@ class QuantConfig:
     @property
     def label(self) -> str:
         name = "hawq-hutchinson" if self.method == "hawq" and self.hessian == "hutchinson" else self.method
-        return f"{name} {self.quantizer}" if self.quantizer != "rtn" else name
+        if self.quantizer == "rtn":
+            return name
+        return f"{name} gptq one-pass" if self.one_pass_gptq else f"{name} gptq"
 
 
 def _choose(key: str, value: str, options) -> None:
@@ -145,7 +159,8 @@ def allocate_bits(table: np.ndarray | None, cfg: QuantConfig, sizes: list[bitall
 
 def apply_bits(layers: list[QuantLayer], bits: list[int], cfg: QuantConfig, stats: CalibrationStats | None = None,
                dense: list[torch.Tensor] | None = None) -> None:
-    """Fake-quantize every layer in place at its bit width, from `dense` weights when given."""
+    """Fake-quantize every layer in place at its bit width, from `dense` weights when given. GPTQ
+    here takes `stats` as they are (one-pass); quantize_model runs the sequential protocol."""
     for k, (layer, b) in enumerate(zip(layers, bits)):
         weight = dense[k] if dense is not None else layer.linear.weight.data
         if cfg.quantizer == "gptq":
@@ -154,6 +169,34 @@ def apply_bits(layers: list[QuantLayer], bits: list[int], cfg: QuantConfig, stat
         else:
             new = fake_quantize(weight, b, cfg.group_size)[0]
         layer.linear.weight.data.copy_(new)
+
+
+class GPTQBlockHook:
+    """The sequential walk's hook: GPTQ on each block's linears from the Gram matrices of inputs
+    that already went through the quantized blocks before it (the walk then re-runs the block, so
+    the next one sees this block's quantized outputs). Each Gram is released once used: a model's
+    worth of them would otherwise stay in memory until the walk ends."""
+
+    def __init__(self, layers: list[QuantLayer], bits: list[int], cfg: QuantConfig):
+        self.bits = {(layer.block, layer.name): b for layer, b in zip(layers, bits)}
+        self.cfg = cfg
+        self.signature = f"gptq {cfg.group_size} {cfg.gptq_blocksize} {cfg.gptq_damp} {sorted(self.bits.items())}"
+
+    def __call__(self, index: int, block: nn.Module, stats: BlockStats, ctx: BlockContext) -> None:
+        for name, linear in block_linears(block).items():
+            st = stats[name]
+            new = gptq_quantize(linear.weight.data, st.gram, self.bits[(index, name)], self.cfg.group_size,
+                                self.cfg.gptq_blocksize, self.cfg.gptq_damp)
+            linear.weight.data.copy_(new)
+        for st in stats.inputs.values():
+            st.gram = None
+
+
+def gptq_sequential(lm: LoadedModel, data: TokenData, layers: list[QuantLayer], bits: list[int],
+                    cfg: QuantConfig) -> None:
+    """GPTQ's protocol, on the pruning's sequential walk; never cached, as it changes the model."""
+    calibration_stats(lm, data, "sequential", hook=GPTQBlockHook(layers, bits, cfg), with_gram=True,
+                      use_cache=False)
 
 
 def quantize_model(lm: LoadedModel, data: TokenData | None, cfg: QuantConfig) -> QuantResult:
@@ -167,7 +210,10 @@ def quantize_model(lm: LoadedModel, data: TokenData | None, cfg: QuantConfig) ->
     stats = calibration_stats(lm, data, "one-pass", with_gram=True) if cfg.needs_statistics else None
     table = sensitivity_table(lm, data, cfg, layers, stats)
     chosen = allocate_bits(table, cfg, sizes)
-    apply_bits(layers, chosen, cfg, stats)
+    if cfg.quantizer == "gptq" and not cfg.one_pass_gptq:
+        gptq_sequential(lm, data, layers, chosen, cfg)
+    else:
+        apply_bits(layers, chosen, cfg, stats)
     histogram = {b: chosen.count(b) for b in cfg.choices}
     return QuantResult(cfg, [layer.key for layer in layers], chosen,
                        bitalloc.average_bits(sizes, chosen, cfg.group_size), table,

@@ -10,6 +10,7 @@ from autoprune_ray.compress.bits import (GROUP_OVERHEAD_BITS, LayerSize, allocat
 from autoprune_ray.compress.eval import reconstruction_error
 from autoprune_ray.compress.gptq import gptq_quantize
 from autoprune_ray.kernels.quant import fake_quant_reference, group_params, quantize_dequantize
+from tests_support import correlated_inputs
 
 CHOICES = [2, 3, 4, 8]
 
@@ -38,15 +39,6 @@ def test_fake_quant_matches_hand_computation(bits):
     deq, err = fake_quant_reference(row, bits, group_size=4)
     assert deq[0].tolist() == expected
     assert err.item() == pytest.approx(sum((a - b) ** 2 for a, b in zip(HAND_ROW, expected)))
-
-
-def correlated_inputs(seed, tokens=1024, width=72):
-    """Low-rank mixing plus noise, with a few outlier channels (as LLM activations have)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, 24, generator=g) @ torch.randn(24, width, generator=g)
-    x = x + 0.3 * torch.randn(tokens, width, generator=g)
-    x[:, [3, 17, width - 5]] *= 10
-    return x
 
 
 def naive_gptq(weight, gram, bits, group_size, damp=0.01):

@@ -294,3 +294,12 @@ def run_task_search(cfg: RunConfig, task: str, completions: list[str]):
     cands, evals = tables(cfg)
     assert_one_outcome_each(cands, evals, summary)
     return cands, evals
+
+
+def correlated_inputs(seed, tokens=1024, width=72):
+    """Low-rank mixing plus noise, with a few outlier channels (as LLM activations have)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, 24, generator=g) @ torch.randn(24, width, generator=g)
+    x = x + 0.3 * torch.randn(tokens, width, generator=g)
+    x[:, [3, 17, width - 5]] *= 10
+    return x
