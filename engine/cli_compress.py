@@ -240,6 +240,8 @@ def baselines(sparsities, patterns, methods, out, **options):
 @click.option("--bits", "choices", default="2,3,4,8", show_default=True, help="Bit widths a layer may get.")
 @click.option("--allocator", type=click.Choice(["ilp", "greedy"]), default="ilp", show_default=True)
 @click.option("--quantizer", type=click.Choice(["rtn", "gptq"]), default="rtn", show_default=True)
+@click.option("--gptq-mode", type=click.Choice(["sequential", "one-pass"]), default="sequential", show_default=True,
+              help="GPTQ's calibration: each block on the quantized blocks' outputs (upstream), or the dense model's.")
 @click.option("--hessian", type=click.Choice(["gram", "hutchinson"]), default="gram", show_default=True,
               help="HAWQ's trace: the layer-output Hessian X Xᵀ, or Hutchinson on the LM loss.")
 @protocol_options
@@ -247,8 +249,8 @@ def baselines(sparsities, patterns, methods, out, **options):
               help="Write the (fake-)quantized model (HF format) here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a table.")
 @clear_errors
-def quantize(method, program_file, avg_bits, as_uniform, group_size, choices, allocator, quantizer, hessian, save,
-             as_json, **options):
+def quantize(method, program_file, avg_bits, as_uniform, group_size, choices, allocator, quantizer, gptq_mode,
+             hessian, save, as_json, **options):
     """Mixed-precision weight-only quantization under an average-bits budget; prints perplexity, the
     achieved average bits and the per-layer bits.
 
@@ -263,8 +265,8 @@ def quantize(method, program_file, avg_bits, as_uniform, group_size, choices, al
     program = load_program(program_file, "row", "mpq") if program_file else None
     cfg = QuantConfig(method="program" if program else method, avg_bits=avg_bits, as_uniform=as_uniform,
                       group_size=group_size,
-                      choices=parse_bits(choices), allocator=allocator, quantizer=quantizer, hessian=hessian,
-                      program=program.tree if program else None).validate()
+                      choices=parse_bits(choices), allocator=allocator, quantizer=quantizer, gptq_mode=gptq_mode,
+                      hessian=hessian, program=program.tree if program else None).validate()
     measure_and_show(cfg, save, "quantization.json", as_json, show_quantization, **options)
 
 

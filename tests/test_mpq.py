@@ -204,3 +204,16 @@ def test_uniform_fills_its_own_budget_at_smollm2_shapes():
         cfg = QuantConfig(method="uniform", as_uniform=width).validate()
         assert allocate_bits(None, cfg, sizes) == [width] * len(sizes)
         assert bitalloc.average_bits(sizes, [width] * len(sizes), 128) == pytest.approx(float(cfg.budget(sizes)))
+
+
+def test_quantize_command_chooses_gptq_calibration(tiny_model_dir, corpus_file):
+    import json
+    from autoprune_ray.engine.cli import main
+    for mode in ("sequential", "one-pass"):
+        res = CliRunner().invoke(main, ["quantize", "--as-uniform", "4", "--group-size", str(GROUP), "--quantizer",
+                                        "gptq", "--gptq-mode", mode, "--model", str(tiny_model_dir), "--data",
+                                        str(corpus_file), "--nsamples", "4", "--seqlen", "32", "--eval-tokens", "128",
+                                        "--json"])
+        assert res.exit_code == 0, res.output
+        result = json.loads(res.output[res.output.index("{"):])
+        assert result["config"]["gptq_mode"] == mode
