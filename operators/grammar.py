@@ -8,7 +8,9 @@ in the printed form (`def score(W, A):\\n    return ...`). The grammar is a boun
   * Parameters: canonical input names in the spec's order, holding one the result needs. A body
     may only read its parameters and a context-free grammar cannot remember a set, so the grammar
     holds one copy of the expression rules per parameter set: the smallest sets, at most MAX_SETS
-    of them (prune: up to two inputs; allocate: one), and the set of all inputs.
+    of them (prune: up to two inputs; allocate: one), and the set of all inputs. The other sets of
+    up to MAX_COMPOSED inputs (allocate's 91 pairs and 364 triples, prune's triples) get a composed
+    body instead: a sum or product of one single-input operand per parameter (see _Composer).
   * The result varies as the spec requires: the expression reads one input of the required shape
     (W or G for a score, any per-layer input for an allocation) outside every reduction.
   * Size: each input, constant, call, reduction and exponent costs a unit; an expression has at
@@ -25,19 +27,22 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from itertools import combinations
+from itertools import combinations, permutations
 from typing import Mapping, Sequence
 
 from autoprune_ray.operators.parser import MAX_DEPTH, MAX_EXPONENT
 from autoprune_ray.operators.specs import SPECS, LanguageSpec
 
 MAX_SETS = 16           # expression grammars per function: one per parameter set
+MAX_COMPOSED = 3        # the most parameters of a composed signature (see _Composer)
 # Expression size by the spec's result_must_vary. A unit nests at most two levels (a call and a
 # free minus sign), so 2 * units + 1 levels, plus what sorting a flattened sum or product adds,
 # stay within the parser's MAX_DEPTH. RIA takes 7 units.
 UNITS = {"matrix": 7, "rows": 5}
 
 assert 2 * max(UNITS.values()) + 1 < MAX_DEPTH
+# a composed body (see _Composer) of k operands of UNITS // k + 1 units nests k - 1 levels more
+assert all(2 * (u // k + 1) + 1 + k - 1 < MAX_DEPTH for u in UNITS.values() for k in range(2, MAX_COMPOSED + 1))
 
 _UNARY = ("abs", "sqrt", "log1p", "exp", "square", "sigmoid", "tanh")   # names as the parser spells them
 _REDUCE = ("sum", "mean", "max", "min", "norm")                       # std only with dim=
@@ -217,14 +222,77 @@ def _parameter_sets(spec: LanguageSpec, must: Sequence[str]) -> list[tuple[str, 
     return sets + [tuple(names)]
 
 
+def _composed_sets(spec: LanguageSpec, must: Sequence[str], full: Sequence[tuple[str, ...]]) -> list[tuple[str, ...]]:
+    """The signatures of two to MAX_COMPOSED inputs that have no whole expression grammar of
+    their own (a copy per set would not fit: allocate has 91 pairs), each holding a `must` input."""
+    names = list(spec.inputs)
+    return [params for size in range(2, min(MAX_COMPOSED, len(names) - 1) + 1)
+            for params in combinations(names, size) if set(params) & set(must) and params not in full]
+
+
+class _Composer:
+    """Bodies of composed signatures: one operand per parameter, each an expression of that
+    input alone that reads it outside every reduction (so every parameter is used and, with a
+    `must` input among them, the result varies as required), joined into a sum or a product.
+    An operand of a k-input body has at most UNITS // k + 1 units, so a body stays within
+    UNITS + k units. The operands' rules are the single-input sets' (or built here once), so a
+    composed signature costs one alternative of references, not a copy of the expression rules."""
+
+    def __init__(self, rules: _Rules, shared: dict[str, _E], index: int, spec: LanguageSpec,
+                 single: dict[str, _Expression]):
+        self.rules, self.shared, self.index, self.spec, self.single = rules, shared, index, spec, single
+        self.operands: dict[tuple[str, str, int], _E | None] = {}
+
+    def _operand(self, name: str, kind: str, units: int) -> _E | None:
+        """The union over sizes of one input's sums (kind "s") or products (kind "c")."""
+        key, j = (name, kind, units), list(self.spec.inputs).index(name)
+        if key not in self.operands:
+            if name not in self.single:      # an input without a single-input signature (prune's A):
+                # built at its first request, which has the largest operands (bodies come by size)
+                self.single[name] = _Expression(self.rules, self.shared, f"f{self.index}x{j}", (name,), (name,))
+                self.single[name].build(units)
+            e = self.single[name]
+            parts = [e.get("S", "m", b) if kind == "s" else e.get("C", "m", b) for b in range(1, units + 1)]
+            self.operands[key] = self.rules.add(f"f{self.index}o{j}{kind}{units}", parts)
+        return self.operands[key]
+
+    def body(self, params: tuple[str, ...]) -> _E | None:
+        """A sum or a product of one operand per parameter: in either order for two inputs, in the
+        signature's order for more (their orders would multiply xgrammar's compile time)."""
+        units = UNITS[self.spec.result_must_vary] // len(params) + 1
+        orders = permutations(params) if len(params) == 2 else [params]
+        out = []
+        for order in orders:
+            sums = [self._operand(name, "s", units) for name in order]
+            products = [self._operand(name, "c", units) for name in order]
+            out += [_join(sums, self.shared["add"]),
+                    _seq(_opt(_seq(self.shared["coef"], _lit(" * "))), _join(products, self.shared["mul"]))]
+        return _alt(out)
+
+
+def _join(operands: list[_E | None], op: _E) -> _E | None:
+    """`a op b op c`."""
+    out = operands[0]
+    for operand in operands[1:]:
+        out = _seq(out, op, operand)
+    return out
+
+
 def _function(rules: _Rules, shared: dict[str, _E], index: int, spec: LanguageSpec, must: list[str]) -> _E:
-    """`def NAME(params):\n    return EXPR\n`, one alternative per parameter set."""
+    """One function: a whole expression grammar per parameter set of `_parameter_sets`, a
+    composed body per set of `_composed_sets`."""
     shared = {**shared, "reduce": _reductions(rules, index, _dims(spec))}
-    out = []
+    bodies, single = {}, {}
     for k, params in enumerate(_parameter_sets(spec, must)):
-        body = _Expression(rules, shared, f"f{index}p{k}", params, must).build(UNITS[spec.result_must_vary])
-        out.append(_seq(_lit(f"def {spec.function}({', '.join(params)}):\n    return "), body, _lit("\n")))
-    return rules.add(f"f{index}", out)
+        expression = _Expression(rules, shared, f"f{index}p{k}", params, must)
+        bodies[params] = expression.build(UNITS[spec.result_must_vary])
+        if len(params) == 1:
+            single[params[0]] = expression
+    composer = _Composer(rules, shared, index, spec, single)
+    for params in _composed_sets(spec, must, list(bodies)):
+        bodies[params] = composer.body(params)
+    return rules.add(f"f{index}", [_seq(_lit(f"def {spec.function}({', '.join(params)}):\n    return "), body,
+                                        _lit("\n")) for params, body in bodies.items()])
 
 
 @dataclass(frozen=True)

@@ -4,12 +4,19 @@ Every prompt opens with the task's description of the candidate language (its pl
 `TaskPrompts.preamble`, laid out by `preamble_text`) and ends with the required output (`OUTPUT_RULE`). Variable parts (feedback, lineage edges) are fitted
 into a character budget, dropping the oldest items first, so that a prompt stays well inside
 SmolLM2's 8k-token context (~1500 tokens). Builders are pure: same inputs, same string.
+
+A small policy copies what a prompt shows, so a prompt shows one fixed program only where it has
+nothing else (the format example, in a from-scratch prompt), and it ends with a few signatures to
+try (`Ideas`), drawn from a hash of the prompt's own content: prompts with other parents suggest
+other inputs, and the completions of one prompt can pick among several.
 """
 from __future__ import annotations
 
 import difflib
 import math
+import random
 import re
+import zlib
 from dataclasses import dataclass, field
 
 from autoprune_ray.operators.language import MAX_CONST, MAX_DEPTH, MAX_EXPONENT, MAX_NODES, CandidateError, \
@@ -22,13 +29,24 @@ FEEDBACK_ITEMS = 8
 _SNIPPET_CHARS = 70
 _REASON_CHARS = 160
 
+IDEAS = 3                      # signatures suggested per prompt
 _SHAPE_NOTES = {"A": "one value per input column", "M": "one value per input column",
                 "V": "one value per input column", "H": "one value per input column"}
+_FLAG = re.compile(r"1 if (.+), else 0")
 
 
 def _inputs(task: LanguageSpec) -> str:
-    return "\n".join(f"  {name}: {task.describe[name]}" + (f", {_SHAPE_NOTES[name]}" if name in _SHAPE_NOTES else "")
-                     for name in task.inputs)
+    """One line per input; indicator inputs (`1 if X, else 0`) share one line, so that they do
+    not outweigh the inputs that carry statistics."""
+    lines, flags = [], [(name, _FLAG.fullmatch(task.describe[name])) for name in task.inputs]
+    for name, flag in flags:
+        if not flag:
+            lines.append(f"  {name}: {task.describe[name]}" + (f", {_SHAPE_NOTES[name]}" if name in _SHAPE_NOTES else ""))
+    named = [(name, flag.group(1)) for name, flag in flags if flag]
+    if named:
+        lines.append(f"  {', '.join(n for n, _ in named)}: 1 if the layer is, respectively, "
+                     f"{', '.join(w for _, w in named)}; else 0")
+    return "\n".join(lines)
 
 
 _RULES = f"""Allowed: + - * /, x ** c with a constant c in [-{MAX_EXPONENT:g}, {MAX_EXPONENT:g}], abs, sqrt, exp, log1p, \
@@ -43,15 +61,32 @@ OUTPUT_RULE = "Answer with ONE python function in a ```python fence. No prose ne
 
 
 @dataclass(frozen=True)
+class Ideas:
+    """The signatures a prompt suggests for one function: a `lead` input (one the function is
+    about) and a second input from `others`, in the spec's order."""
+    spec: LanguageSpec
+    leads: tuple[str, ...]
+    others: tuple[str, ...]
+
+    def draw(self, rng: random.Random) -> str:
+        lead = rng.choice(self.leads)
+        other = rng.choice([name for name in self.others if name != lead])
+        return f"def {self.spec.function}({', '.join(n for n in self.spec.inputs if n in (lead, other))})"
+
+
+@dataclass(frozen=True)
 class TaskPrompts:
     """What a task plug-in tells the policy: the language preamble every prompt opens with, the
     noun for one program ("metric", "proxy"), the ask for a program from scratch, the system
-    prompt, and the required output (one function, or both functions of a joint program)."""
+    prompt, the required output (one function, or both functions of a joint program), the format
+    example a from-scratch prompt shows, and the signatures prompts suggest (one Ideas per function)."""
     preamble: str
     noun: str
     from_scratch: str
     system: str = "You write short Python functions in a restricted expression language."
     output: str = OUTPUT_RULE
+    example: str = ""
+    ideas: tuple[Ideas, ...] = ()
 
 
 def system_prompt(programs: str, form: str = "one short Python function") -> str:
@@ -59,19 +94,37 @@ def system_prompt(programs: str, form: str = "one short Python function") -> str
     return f"You write {programs} as {form}. Answer with the code in a ```python fence."
 
 
-def preamble_text(intro: str, spec: LanguageSpec, result_rule: str, example: str) -> str:
-    """The shared layout of a task's preamble: what a program is, its inputs, the rules, a syntax example."""
+def preamble_text(intro: str, spec: LanguageSpec, result_rule: str) -> str:
+    """The shared layout of a task's preamble: what a program is, its inputs, the rules."""
     return (f"{intro}\n\nInputs (take only those you use as parameters):\n{_inputs(spec)}\n"
-            f"Vectors broadcast against [out, in] matrices.\n{_RULES} {result_rule}\n"
-            f"Format example (syntax only, not a good {example[0]}):\n```python\n{example[1].strip()}\n```")
+            f"Vectors broadcast against [out, in] matrices.\n{_RULES} {result_rule}")
 
 
-def joint_preamble_text(intro: str, parts: list[tuple[str, LanguageSpec, str]], example: str) -> str:
-    """The preamble of a program of several functions: each part's inputs and rule, then one example."""
+def joint_preamble_text(intro: str, parts: list[tuple[str, LanguageSpec, str]]) -> str:
+    """The preamble of a program of several functions: each part's inputs and rule."""
     inputs = "\n".join(f"{title} (take only those you use as parameters):\n{_inputs(spec)}\n{rule}"
                         for title, spec, rule in parts)
-    return (f"{intro}\n\n{inputs}\nVectors broadcast against [out, in] matrices.\n{_RULES}\n"
-            f"Format example (syntax only, not a good program):\n```python\n{example.strip()}\n```")
+    return f"{intro}\n\n{inputs}\nVectors broadcast against [out, in] matrices.\n{_RULES}"
+
+
+def _format_example(task: "TaskPrompts") -> str:
+    return (f"Format example (syntax only, not a good {task.noun}):\n```python\n{task.example.strip()}\n```"
+            if task.example else "")
+
+
+def _ideas(task: "TaskPrompts", *content: str) -> str:
+    """IDEAS distinct signatures to try (one per function of the program, joined), drawn from a
+    hash of the prompt's content: pure, yet different for prompts with different parents."""
+    if not task.ideas:
+        return ""
+    rng, options = random.Random(zlib.crc32("\n".join(content).encode())), []
+    for _ in range(8 * IDEAS):
+        option = " with ".join(f"`{ideas.draw(rng)}`" for ideas in task.ideas)
+        if option not in options:
+            options.append(option)
+        if len(options) == IDEAS:
+            break
+    return "Inputs to try, pick one: " + "; or ".join(options) + "."
 
 
 # ---------------------------------------------------------------- helpers
@@ -150,9 +203,9 @@ def feedback_lines(rejections: list[tuple[str, str]]) -> list[str]:
 
 
 def _with_feedback(task: TaskPrompts, body: str, feedback: list[str]) -> str:
-    head = task.preamble
-    room = min(FEEDBACK_CHARS, _room(head, body, task.output))
-    return _assemble(head, body, _feedback_section(list(feedback), room), task.output)
+    head, ideas = task.preamble, _ideas(task, body)
+    room = min(FEEDBACK_CHARS, _room(head, body, ideas, task.output))
+    return _assemble(head, body, _feedback_section(list(feedback), room), ideas, task.output)
 
 
 def init_prompt(examples: list[tuple[str, float | None]], feedback: list[str], task: TaskPrompts) -> str:
@@ -164,7 +217,7 @@ def init_prompt(examples: list[tuple[str, float | None]], feedback: list[str], t
         body = (f"{shown}\nWrite a NEW {noun}, different from these, that could get a higher fitness "
                 "(it may combine their ideas or use other inputs).")
     else:
-        body = task.from_scratch
+        body = "\n".join(p for p in (_format_example(task), task.from_scratch) if p)
     return _with_feedback(task, body, feedback)
 
 
@@ -241,12 +294,13 @@ def gcot_prompt(graph: LineageGraph, task: TaskPrompts) -> str:
     ask = ("First reason briefly along the edges: which code change raised fitness, which lowered it, and why. "
            f"Then write the next {noun}, one that should beat the best so far.")
     rejected = _feedback_section(list(graph.rejections)[:5], 600)
-    room = _room(head_text, head, rejected, ask, task.output) - 80
+    ideas = _ideas(task, head, *(n.code for n in graph.nodes))
+    room = _room(head_text, head, rejected, ask, ideas, task.output) - 80
     edges = [_edge_text(e, nodes) for e in graph.edges if e.parent_id in nodes and e.child_id in nodes]
     edges = _fit_newest(edges, room)
     lineage = (f"How the {noun}s evolved (fitness: higher is better), each edge with its code diff:\n" +
                "\n".join(edges)) if edges else ""
-    return _assemble(head_text, head, lineage, rejected, ask, task.output)
+    return _assemble(head_text, head, lineage, rejected, ask, ideas, task.output)
 
 
 _FENCED = re.compile(r"```python\n(.*?)```", re.S)

@@ -5,10 +5,14 @@ within S ± λ (compress/allocation.py); the weights of each layer are chosen by
 from __future__ import annotations
 
 from autoprune_ray.compress.prune import METHODS, PruneConfig
-from autoprune_ray.operators.prompts import TaskPrompts, preamble_text, system_prompt
+from autoprune_ray.operators.prompts import Ideas, TaskPrompts, preamble_text, system_prompt
 from autoprune_ray.operators.seeds import allocation_seeds
 from autoprune_ray.operators.specs import ALLOCATE
 from autoprune_ray.tasks.prune import PruningTask
+
+# a statistic of the layer's weights or scores, with where the layer sits or another statistic
+_STATISTICS = ("skew", "kurt", "outlier", "alpha", "sens")
+ALLOCATION_IDEAS = Ideas(ALLOCATE, leads=_STATISTICS, others=_STATISTICS + ("depth", "size", "is_o", "is_down"))
 
 PROMPTS = TaskPrompts(
     preamble=preamble_text(
@@ -16,12 +20,13 @@ PROMPTS = TaskPrompts(
         "function that gives every linear layer (q, k, v, o, gate, up, down of every block) one value from its "
         "statistics. Layers with higher values are pruned more; the values are rescaled so that the "
         "parameter-weighted average sparsity is exactly the target, each layer within target ± λ.",
-        ALLOCATE, "The result must give one value per layer, so use the per-layer inputs.",
-        ("allocation", "def allocate(outlier, depth):\n    return depth - outlier")),
+        ALLOCATE, "The result must give one value per layer, so use the per-layer inputs."),
     noun="allocation",
     from_scratch=("Invent a new allocation from scratch: decide which blocks can lose more weights without "
                   "hurting the model and write an allocation for it."),
     system=system_prompt("layer-wise sparsity allocations for pruning neural networks"),
+    example="def allocate(outlier, depth):\n    return depth - outlier",
+    ideas=(ALLOCATION_IDEAS,),
 )
 
 

@@ -18,11 +18,11 @@ from autoprune_ray.operators.language import Candidate
 from autoprune_ray.operators.prompts import TaskPrompts, joint_preamble_text, system_prompt
 from autoprune_ray.operators.seeds import allocation_seeds, score_seeds
 from autoprune_ray.operators.specs import ALLOCATE, PRUNE
-from autoprune_ray.tasks.allocate import check_allocation_settings
-from autoprune_ray.tasks.prune import PruningTask
+from autoprune_ray.tasks.allocate import ALLOCATION_IDEAS, check_allocation_settings
+from autoprune_ray.tasks.prune import SCORE_IDEAS, PruningTask
 
 _EXAMPLE = ("def score(W, A):\n    x = W.abs()\n    return x / x.mean(dim=1, keepdim=True) + 0.1 * A\n\n"
-            "def allocate(depth, outlier):\n    return depth - 2 * outlier")
+            "def allocate(outlier, depth):\n    return depth - 2 * outlier")
 
 PROMPTS = TaskPrompts(
     preamble=joint_preamble_text(
@@ -32,14 +32,15 @@ PROMPTS = TaskPrompts(
         "layers with higher values are pruned more, and the values are rescaled so that the average "
         "sparsity stays the target.",
         [("score inputs", PRUNE, "score must vary per weight, so use W or G."),
-         ("allocate inputs, one row per linear layer", ALLOCATE, "allocate must give one value per layer.")],
-        _EXAMPLE),
+         ("allocate inputs, one row per linear layer", ALLOCATE, "allocate must give one value per layer.")]),
     noun="algorithm",
     from_scratch=("Invent a new algorithm from scratch: decide which weights matter most inside a layer, and "
                   "which layers can lose more weights without hurting the model."),
     system=system_prompt("pruning algorithms (a metric and a layer-wise sparsity allocation)",
                          "two short Python functions, score and allocate"),
     output="Answer with BOTH functions, score and allocate, in one ```python fence. No prose needed.",
+    example=_EXAMPLE,
+    ideas=(SCORE_IDEAS, ALLOCATION_IDEAS),
 )
 
 SEED_METRICS = ("wanda", "ria")

@@ -19,12 +19,12 @@ PROMPTS = TaskPrompts(
         "whose sensitivity drops most per extra bit, under an average-bits budget, so what matters is ranking "
         "layers and bit widths correctly.",
         MPQ, "The result must be ONE number per layer (reduce over all weights: .sum() or .mean() with no dim) "
-             "and must use E (or b).",
-        ("proxy", "def sensitivity(E, A):\n    x = E.abs() * A\n    return x.sum() / (1 + A.mean())")),
+             "and must use E (or b)."),
     noun="proxy",
     from_scratch=("Invent a new proxy from scratch: decide what makes a layer's quantization error hurt the "
                   "model's output and write a sensitivity for it."),
     system=system_prompt("sensitivity proxies for mixed-precision quantization of neural networks"),
+    example="def sensitivity(E, A):\n    x = E.abs() * A\n    return x.sum() / (1 + A.mean())",
 )
 
 

@@ -7,22 +7,26 @@ import pyarrow as pa
 from autoprune_ray.compress.baselines import BaselineRun
 from autoprune_ray.compress.fitness import PruneEvaluator
 from autoprune_ray.compress.prune import PruneConfig
-from autoprune_ray.operators.prompts import TaskPrompts, preamble_text, system_prompt
+from autoprune_ray.operators.prompts import Ideas, TaskPrompts, preamble_text, system_prompt
 from autoprune_ray.operators.seeds import score_seeds
 from autoprune_ray.operators.specs import PRUNE
 from autoprune_ray.tasks.base import TaskPlugin
+
+# a metric reads W with a statistic of its inputs (not G: a run collects it only with target.gradients)
+SCORE_IDEAS = Ideas(PRUNE, leads=("W",), others=("A", "M", "V", "H", "d"))
 
 PROMPTS = TaskPrompts(
     preamble=preamble_text(
         "You design pruning metrics for a language model. A metric is one Python function that gives every "
         "weight of a linear layer a score. Higher score = keep the weight. Scores are compared within each "
         "output row (each row of W): the lowest-scoring weights of a row are pruned.",
-        PRUNE, "The result must vary per weight, so use W or G.",
-        ("metric", "def score(W, A):\n    x = W.abs()\n    return x / x.mean(dim=1, keepdim=True) + 0.1 * A")),
+        PRUNE, "The result must vary per weight, so use W or G."),
     noun="metric",
     from_scratch=("Invent a new metric from scratch: decide which weights matter most for the layer's output "
                   "and write a score for it."),
     system=system_prompt("pruning metrics for neural networks"),
+    example="def score(W, A):\n    x = W.abs()\n    return x / x.mean(dim=1, keepdim=True) + 0.1 * A",
+    ideas=(SCORE_IDEAS,),
 )
 
 

@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import random
+import re
 import sys
 import threading
 import types
@@ -113,6 +114,67 @@ def test_the_accepted_corpus_is_in_the_grammar_where_its_subset_reaches(grammars
 ])
 def test_rejected_programs_are_outside_the_grammar(text, grammars):
     assert not accepts(grammars["prune"].ebnf, text)
+
+
+# ---------------------------------------------------------------- signatures of several inputs
+
+@pytest.mark.parametrize("task, code", [
+    ("allocate", "def allocate(outlier, depth):\n    return depth - 2.0 * outlier\n"),      # body in either order
+    ("allocate", "def allocate(outlier, depth):\n    return -outlier + 0.5 * depth\n"),
+    ("allocate", "def allocate(kurt, alpha):\n    return 2.0 * sqrt(kurt) * alpha ** 2\n"),
+    ("allocate", "def allocate(outlier, sens):\n    return outlier - outlier.mean(dim=0) + sens\n"),
+    ("allocate", "def allocate(skew, size, is_down):\n    return skew + size - is_down\n"),
+    ("allocate", "def allocate(kurt, depth, sens):\n    return kurt * (1 - depth) / sens\n"),
+    ("prune", "def score(W, A, H):\n    return abs(W) * A / sqrt(H)\n"),
+    ("joint", "def score(W, A):\n    return A * abs(W)\n\n\ndef allocate(alpha, depth):\n    return alpha - depth\n"),
+])
+def test_signatures_of_several_inputs_are_in_the_grammar_and_parse(task, code, grammars):
+    assert accepts(grammars[task].ebnf, fenced(code))
+    signatures = [line for line in code.splitlines() if line.startswith("def ")]
+    assert [line for line in parse(code, task).code.splitlines() if line.startswith("def ")] == signatures
+
+
+@pytest.mark.parametrize("code, parser_accepts", [
+    ("def allocate(outlier, foo):\n    return outlier + foo\n", False),     # no such input
+    ("def allocate(depth, outlier):\n    return depth - outlier\n", True),   # not the canonical order
+    ("def allocate(outlier, depth):\n    return -outlier\n", True),          # depth never read
+    ("def allocate(outlier, depth):\n    return outlier.mean(dim=0) + depth.sum(dim=0)\n", False),  # constant
+])
+def test_other_signatures_are_outside_the_grammar(code, parser_accepts, grammars):
+    """The grammar keeps to the parser's canonical form: parameters in the spec's order, each of a
+    composed signature read; the parser (the gate) is more lenient where the meaning is clear."""
+    assert not accepts(grammars["allocate"].ebnf, fenced(code))
+    if parser_accepts:
+        parse(code, "allocate")
+    else:
+        with pytest.raises(CandidateError):
+            parse(code, "allocate")
+
+
+def test_composed_signatures_read_every_parameter(grammars):
+    texts = random_walks(grammars["allocate"].ebnf, 60, seed=2)
+    signatures = [text.split("(", 1)[1].split(")", 1)[0] for text in texts]
+    assert sum(s.count(",") == 1 for s in signatures) >= 5 and sum(s.count(",") == 2 for s in signatures) >= 5
+    for text, signature in zip(texts, signatures):
+        assert f"def allocate({signature}):" in parse(text, "allocate").code, text
+
+
+def test_the_grammar_stays_small(grammars):
+    # a copy of the expression rules per signature would be 0.5 MB for allocate's 91 pairs alone
+    assert len(grammars["allocate"].ebnf) < 200_000 and len(grammars["joint"].ebnf) < 400_000
+
+
+@pytest.mark.parametrize("task", GRAMMAR_TASKS)
+def test_the_signatures_prompts_suggest_are_in_the_grammar(task, grammars):
+    from autoprune_ray.operators import prompts as P
+    lines = [P.init_prompt([(f"def score(W):\n    return W * {k}.0\n", None)], [], TASKS[task].prompts)
+             for k in range(12)]
+    suggested = {s for line in lines for s in re.findall(r"`(def \w+\([^)]*\))`", line)}
+    assert len(suggested) >= 5
+    for signature in suggested:
+        matcher = xgr.GrammarMatcher(compiled_for_strings(grammars[task].ebnf), terminate_without_stop_token=True)
+        prefix = "```python\n" + ("def score(W):\n    return W\n\n" if "allocate" in signature and task == "joint" else "")
+        assert matcher.accept_string(prefix + signature + ":\n    return "), signature
 
 
 def test_hostile_programs_are_outside_the_grammar(grammars):

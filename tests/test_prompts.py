@@ -1,11 +1,12 @@
 """Prompt builders: language description, required output, parents, feedback, lineage diffs."""
+import re
 from pathlib import Path
 
 import pytest
 
 from autoprune_ray.operators import prompts as P
 from autoprune_ray.operators.language import parse
-from autoprune_ray.operators.specs import PRUNE
+from autoprune_ray.operators.specs import ALLOCATE, PRUNE
 from autoprune_ray.tasks import get_task
 from autoprune_ray.operators.seeds import SCORE_SEEDS
 
@@ -60,13 +61,14 @@ def test_programs_shown_in_prompts_parse():
         assert programs, name
         for program in programs:
             parse(program)                      # raises CandidateError if a prompt shows a bad program
-    assert len(P.fenced_programs(all_prompts()["init-seeds"])) == 1 + len(SEEDS)
+    assert len(P.fenced_programs(all_prompts()["init-seeds"])) == len(SEEDS)     # no format example beside them
 
 
 def test_parents_code_and_fitness_appear():
     prompts = all_prompts()
     assert "Invent a new metric from scratch" in prompts["init-scratch"]
     assert len(P.fenced_programs(prompts["init-scratch"])) == 1            # only the format example
+    assert all("Format example" not in prompt for name, prompt in prompts.items() if name != "init-scratch")
     for code in SEEDS:
         assert code.strip() in prompts["init-seeds"]
     assert "fitness -3.1000" in prompts["init-seeds"] and "fitness not evaluated" in prompts["init-seeds"]
@@ -164,3 +166,36 @@ def test_joint_prompts_show_both_functions_ask_for_both_and_fit_the_budget():
         assert "BOTH functions" in prompt and "is_down: " in prompt and "W: weight" in prompt
     shown = P.fenced_programs(built["mutate"])[-1]
     assert parse(shown, "joint").hash == parse(seeds[1], "joint").hash   # the parent, both parts, re-parses
+
+
+def ideas_of(prompt: str) -> list[str]:
+    line = next(line for line in prompt.splitlines() if line.startswith("Inputs to try"))
+    return re.findall(r"`(def \w+\([^)]*\))`", line)
+
+
+def test_prompts_suggest_signatures_that_vary_with_the_parents():
+    """Every prompt ends with a few signatures to try, just before the required output, in the
+    spec's parameter order; prompts with other parents suggest other inputs."""
+    for name, prompt in all_prompts().items():
+        ideas = ideas_of(prompt)
+        assert len(ideas) == P.IDEAS, name
+        line = next(line for line in prompt.splitlines() if line.startswith("Inputs to try"))
+        assert prompt.rstrip().endswith(f"{line}\n\n{P.OUTPUT_RULE}"), name
+    allocate = get_task("allocate").prompts
+    drawn = [ideas_of(P.mutate_prompt(f"def allocate(depth):\n    return {k}.0 * depth\n", None, [], allocate))
+             for k in range(20)]
+    signatures = {idea for ideas in drawn for idea in ideas}
+    assert len({tuple(ideas) for ideas in drawn}) >= 15 and len(signatures) >= 15
+    order = list(ALLOCATE.inputs)
+    for signature in signatures:
+        params = signature[len("def allocate("):-1].split(", ")
+        assert len(params) == 2 and params == sorted(params, key=order.index) and params != ["depth"]
+
+
+def test_joint_ideas_name_both_functions_and_indicators_share_a_line():
+    prompt = P.mutate_prompt(get_task("joint").seeds()["owl-wanda"].code, None, [], get_task("joint").prompts)
+    ideas = ideas_of(prompt)
+    assert [idea.split("(")[0] for idea in ideas] == ["def score", "def allocate"] * P.IDEAS
+    assert all("G" not in idea for idea in ideas[::2])          # G needs target.gradients: never suggested
+    flags = [line for line in prompt.splitlines() if "is_q" in line]
+    assert len(flags) == 1 and flags[0].startswith("  is_q, is_k, is_v, is_o, is_gate, is_up, is_down: 1 if")
