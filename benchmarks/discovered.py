@@ -21,13 +21,26 @@ OUT = Path(__file__).parent / "results" / "discovered"
 
 
 def configs(programs: list[str], baselines: list[str], sparsity: float) -> list[tuple[str, object]]:
-    from autoprune_ray.compress.baselines import BaselineRun
     from autoprune_ray.engine.cli_compress import program_prune_config
     from autoprune_ray.operators.language import parse_file
 
     out = [(Path(p).name, program_prune_config(parse_file(Path(p).read_text()), "wanda", sparsity=sparsity))
            for p in programs]
-    return out + [(name, BaselineRun(name, sparsity, None).config()) for name in baselines]
+    return out + [(name, baseline_config(name, sparsity)) for name in baselines]
+
+
+def baseline_config(label: str, sparsity: float):
+    """A baseline by its label; "owl-wanda@0.25" or "alpha-wanda@0.25" widens its allocation to the
+    same spread (highest minus lowest sparsity) as a program's band allocation.lam = 0.25, so that
+    a program's gain is not only a wider band. OWL's λ is half its spread (S ± λ)."""
+    from autoprune_ray.compress.baselines import BaselineRun
+    name, _, spread = label.partition("@")
+    cfg = BaselineRun(name, sparsity, None).config()
+    if not spread:
+        return cfg
+    if cfg.allocation not in ("owl", "alpha"):
+        raise click.BadParameter(f"{label}: only owl-wanda and alpha-wanda take a spread")
+    return replace(cfg, owl_lambda=float(spread) / 2, alpha_lambda=float(spread))
 
 
 def markdown(rows: list[dict]) -> str:
@@ -67,6 +80,7 @@ def main(programs, baselines, sparsities, corpora, seeds, protocol_name, model):
                     data = measured.data
                     row = {"corpus": corpus, "seed": seed, "sparsity": sparsity, "method": label,
                            "perplexity": measured.perplexity, "achieved": measured.result.sparsity,
+                           "band": cfg.allocation_lambda if cfg.allocation == "program" else None,
                            "seconds": measured.seconds, **data.describe()}
                     if not math.isfinite(row["perplexity"]):
                         raise FloatingPointError(f"{label}: perplexity is not finite")

@@ -44,7 +44,7 @@ class PruneConfig:
     program: Node | None = None          # method "program": a candidate score tree
     granularity: str = "row"             # its selection: per output row or whole layer
     allocation_program: Node | None = None  # allocation "program": a per-linear tree (SDSA)
-    allocation_lambda: float = 0.16      # its range: linear sparsities within S ± λ
+    allocation_lambda: float = 0.25      # its range: linear sparsities within S ± λ (the search configs')
     alpha_lambda: float = 0.1            # AlphaPruning-style range: block sparsities within S ± λ
     kernel_backend: str = "auto"         # program scores: fused Triton kernel on CUDA, torch otherwise
     name: str = ""                       # what tables call it (a program file: "program <hash>")

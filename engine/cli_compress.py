@@ -149,7 +149,7 @@ def split_list(text: str) -> list[str]:
 @click.option("--pattern", default=None, help="N:M semi-structured pattern, e.g. 2:4 or 4:8.")
 @click.option("--allocation", default="uniform", show_default=True,
               help="Layer-wise allocation: uniform, owl or alpha (AlphaPruning-style).")
-@click.option("--allocation-lambda", type=float, default=0.16, show_default=True,
+@click.option("--allocation-lambda", type=float, default=0.25, show_default=True,
               help="For an allocation program: its layers' sparsities lie within sparsity ± λ.")
 @click.option("--alpha-lambda", type=float, default=0.1, show_default=True,
               help="AlphaPruning-style allocation: block sparsities within sparsity ± λ.")
