@@ -88,6 +88,17 @@ def load_program(path: str, granularity: str, task: str | None = None):
         raise click.ClickException(f"program rejected: {exc}") from None
 
 
+def program_band(path: str | None) -> float:
+    """The band an allocation program is applied with: the one its search ran with (RUN_DIR:best),
+    else the default, which is the search configs' (a program file's docstring says its band)."""
+    from autoprune_ray.compress.prune import PruneConfig
+    if path and path.endswith(":best") and Path(path[:-5]).is_dir():
+        from autoprune_ray.engine.report import open_run
+        # a run directory written before the band was saved ran with the old default, 0.16
+        return float(open_run(path[:-5])[0].get("allocation", {}).get("lam", 0.16))
+    return PruneConfig.allocation_lambda
+
+
 def best_program(run_dir: str, granularity: str, task: str | None):
     from autoprune_ray.engine.report import best_row, open_run
     from autoprune_ray.operators.language import parse
@@ -149,8 +160,9 @@ def split_list(text: str) -> list[str]:
 @click.option("--pattern", default=None, help="N:M semi-structured pattern, e.g. 2:4 or 4:8.")
 @click.option("--allocation", default="uniform", show_default=True,
               help="Layer-wise allocation: uniform, owl or alpha (AlphaPruning-style).")
-@click.option("--allocation-lambda", type=float, default=0.25, show_default=True,
-              help="For an allocation program: its layers' sparsities lie within sparsity ± λ.")
+@click.option("--allocation-lambda", type=float, default=None,
+              help="For an allocation program: its layers' sparsities lie within sparsity ± λ "
+                   "[default: the run's allocation.lam for RUN_DIR:best, else 0.25].")
 @click.option("--alpha-lambda", type=float, default=0.1, show_default=True,
               help="AlphaPruning-style allocation: block sparsities within sparsity ± λ.")
 @click.option("--owl-lambda", type=float, default=0.08, show_default=True, help="OWL range λ.")
@@ -175,6 +187,8 @@ def prune(method, program_file, granularity, sparsity, pattern, allocation, allo
     """
     from autoprune_ray.compress.prune import PruneConfig
 
+    if allocation_lambda is None:
+        allocation_lambda = program_band(program_file)
     settings = dict(sparsity=sparsity, pattern=pattern, allocation=allocation, mode=mode, owl_lambda=owl_lambda,
                     owl_m=owl_m, allocation_lambda=allocation_lambda, alpha_lambda=alpha_lambda)
     if program_file:

@@ -122,3 +122,19 @@ def test_program_files_with_top_level_statements_or_parser_crashers_are_rejected
             out = CliRunner().invoke(main, args)
             assert out.exit_code != 0 and "Traceback" not in out.output, (args, out.output)
             assert out.output.count("\n") == 1 and "rejected" in out.output, out.output
+
+
+def test_an_allocation_program_gets_the_band_its_search_ran_with(tmp_path):
+    import yaml
+
+    from autoprune_ray.compress.prune import PruneConfig
+    from autoprune_ray.engine.cli_compress import program_band
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"task": "joint", "allocation": {"lam": 0.12}}))
+    assert program_band(f"{run_dir}:best") == 0.12
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"task": "prune"}))   # written before the band was saved
+    assert program_band(f"{run_dir}:best") == 0.16
+    assert program_band(str(tmp_path / "best-70.py")) == PruneConfig.allocation_lambda == 0.25
+    assert program_band(None) == 0.25
