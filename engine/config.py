@@ -136,6 +136,9 @@ class EvaluatorConfig:
     threads: int | None = None
     max_restarts: int = 3
     fault_injection: dict[str, str] = field(default_factory=dict)   # testing aid: see engine/evaluator.py
+    # benchmark and test aid: evaluators load no model; each evaluation takes this many seconds and
+    # returns a fitness derived from the program's hash (engine/synthetic.py). null: real evaluators
+    synthetic_seconds: float | None = None
 
 
 @dataclass
@@ -235,6 +238,8 @@ class RunConfig:
         _check(self.evaluators.num >= 1, "evaluators.num", "must be at least 1")
         _check(self.evaluators.threads is None or self.evaluators.threads >= 1, "evaluators.threads",
                "must be at least 1, or null for one per reserved CPU")
+        _check(self.evaluators.synthetic_seconds is None or self.evaluators.synthetic_seconds >= 0,
+               "evaluators.synthetic_seconds", "must be at least 0, or null for real evaluators")
         self._validate_dpo()
         self._validate_ray()
         try:

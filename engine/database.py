@@ -2,15 +2,26 @@
 hash with an evaluation cache, parent selection and novelty.
 
 It is a pure function of the recorded evaluations, replayed in order: resuming a run rebuilds
-exactly the population an uninterrupted run would hold."""
+exactly the population an uninterrupted run would hold.
+
+Every per-candidate operation costs the same at the 100,000th candidate as at the first: dedup and
+the cache are hash lookups, islands are bounded, and novelty compares with a bounded window of
+the newest archived programs (`NOVELTY_WINDOW`), not with the whole archive."""
 from __future__ import annotations
 
 import math
 import random
+from collections import deque
 from dataclasses import dataclass, field
 
+from autoprune_ray.operators.language import CandidateError, parse
 from autoprune_ray.tree import expr
 from autoprune_ray.tree.expr import Node
+
+# Novelty is measured against this many of the newest archived programs. Against the whole archive
+# it cost O(run length) per parent drawn; a window keeps it constant, and it still says how unlike
+# the current search a program is, which is what the tie-break asks.
+NOVELTY_WINDOW = 256
 
 
 @dataclass
@@ -24,7 +35,12 @@ class Individual:
     island: int
     operator: str
     parents: list[int] = field(default_factory=list)
-    features: frozenset = frozenset()
+    # None: not computed yet. Novelty is read only to break a tie in selection, so the program is
+    # parsed for its features when first compared (`language`, `granularity`: how to parse it),
+    # not on every evaluation.
+    features: frozenset | None = None
+    language: str = "prune"
+    granularity: str = "row"
 
 
 def fitness_from_perplexity(ppl: float | None) -> float | None:
@@ -34,6 +50,16 @@ def fitness_from_perplexity(ppl: float | None) -> float | None:
 def subtree_features(tree: Node) -> frozenset:
     """Structural fingerprint for novelty: the set of the tree's subtrees."""
     return frozenset(expr.to_string(n) for n in expr.walk(tree))
+
+
+def features_of(ind: Individual) -> frozenset:
+    """`ind`'s features, computed once."""
+    if ind.features is None:
+        try:
+            ind.features = subtree_features(parse(ind.code, ind.language, ind.granularity).tree)
+        except CandidateError:
+            ind.features = frozenset()
+    return ind.features
 
 
 class Population:
@@ -49,6 +75,7 @@ class Population:
         self.best_proxy: float | None = None
         self.since_improvement = 0
         self.rng = random.Random(seed)
+        self.recent: deque[Individual] = deque()        # the novelty window, oldest first
 
     # -- dedup and cache ------------------------------------------------------------
     def claim(self, hash_: str, candidate_id: int) -> int | None:
@@ -66,6 +93,7 @@ class Population:
         """Record an evaluated individual; returns True when it is the new best."""
         self.evaluations += 1
         self.archive[ind.hash] = ind
+        self._remember_recent(ind)
         if ind.proxy is not None and (self.best_proxy is None or ind.proxy < self.best_proxy):
             self.best_proxy = ind.proxy
         improved = ind.fitness is not None and (self.best is None or ind.fitness > self.best.fitness)
@@ -81,6 +109,13 @@ class Population:
         if self.evaluations % self.migration_interval == 0:
             self.migrate()
         return improved
+
+    def _remember_recent(self, ind: Individual) -> None:
+        """Keep `ind` in the novelty window. A program leaving it drops its features (most of an
+        individual's memory); should it be compared again (an island member), they are recomputed."""
+        self.recent.append(ind)
+        if len(self.recent) > NOVELTY_WINDOW:
+            self.recent.popleft().features = None
 
     def _trim(self, island: list[Individual]) -> None:
         island.sort(key=lambda i: (-i.fitness, i.candidate_id))
@@ -107,14 +142,23 @@ class Population:
         chosen = []
         for _ in range(k):
             contenders = self.rng.sample(pool, min(tournament, len(pool)))
-            chosen.append(max(contenders, key=lambda i: (i.fitness, self.novelty(i.features, exclude=i.hash))))
+            chosen.append(self._fittest(contenders))
         return chosen
 
+    def _fittest(self, contenders: list[Individual]) -> Individual:
+        """The fittest contender; novelty breaks ties, and is computed only for a tie (it is the
+        one selection step that reads more than the contenders)."""
+        top = max(i.fitness for i in contenders)
+        tied = [i for i in contenders if i.fitness == top]
+        if len(tied) == 1:
+            return tied[0]
+        return max(tied, key=lambda i: self.novelty(features_of(i), exclude=i.hash))
+
     def novelty(self, features: frozenset, exclude: str | None = None) -> float:
-        """1 − the highest Jaccard similarity to any archived program (1: nothing like it)."""
+        """1 − the highest Jaccard similarity to any program in the novelty window (1: nothing like it)."""
         best = 0.0
-        for h, other in self.archive.items():
-            if h == exclude or not other.features or not features:
+        for other in self.recent:
+            if other.hash == exclude or not features or not features_of(other):
                 continue
             best = max(best, len(features & other.features) / len(features | other.features))
         return 1.0 - best
@@ -123,6 +167,12 @@ class Population:
         """A failed or timed-out evaluation still counts towards the budget and patience."""
         self.evaluations += 1
         self.since_improvement += 1
+
+    def apply(self, calls: list[tuple[str, tuple]]) -> None:
+        """Replay the driver's recorded updates in order (`claim`, `add`, `record_failure`): how
+        the `population` actor mirrors the driver's population (engine/actors.py)."""
+        for name, args in calls:
+            getattr(self, name)(*args)
 
     def has_members(self) -> bool:
         return any(self.islands)

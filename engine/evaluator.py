@@ -61,6 +61,10 @@ class EvaluatorWorker:
     def ping(self) -> dict:
         return {"worker": self.worker_id, "pid": os.getpid(), "node": self.node, "up_seconds": time.time() - self.started}
 
+    def evaluate_batch(self, jobs: list[dict]) -> list[dict]:
+        """Several jobs in one call (the driver batches jobs that take milliseconds), in order."""
+        return [self.evaluate(job) for job in jobs]
+
     def evaluate(self, job: dict) -> dict:
         """job: candidate_id, hash, code, granularity, proxy_cutoff (None: always measure); a
         promotion adds stage "promote" and its calibration seed."""

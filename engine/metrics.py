@@ -1,11 +1,15 @@
 """Engine metrics through `ray.util.metrics` (exported by Ray as `ray_autoprune_*`; Counters gain
-`_total`). They need `ray[default]`; without it every call is a no-op."""
+`_total`). They need `ray[default]`; without it every call is a no-op.
+
+Counter increments are summed here and sent by `flush`, which the driver calls once per loop
+turn: a Ray metric call costs tens of microseconds, and there were several per candidate."""
 from __future__ import annotations
 
 
 class EngineMetrics:
     def __init__(self, run_id: str):
         self.tags = {"run_id": run_id}
+        self.pending: dict[str, float] = {}
         try:
             from ray.util.metrics import Counter, Gauge, Histogram
         except ImportError:  # pragma: no cover - ray without its metrics extra
@@ -28,7 +32,13 @@ class EngineMetrics:
 
     def inc(self, name: str, value: float = 1.0) -> None:
         if self._ok:
+            self.pending[name] = self.pending.get(name, 0.0) + value
+
+    def flush(self) -> None:
+        """Send the summed counter increments."""
+        for name, value in self.pending.items():
             self.counters[name].inc(value, tags=self.tags)
+        self.pending.clear()
 
     def set(self, name: str, value: float | None) -> None:
         if self._ok and value is not None:

@@ -7,6 +7,7 @@ only ever a lookup key (the candidate language of `parse`), never compared.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 
@@ -208,7 +209,9 @@ def lineage_graph(lineage: dict[int, dict], root: int, feedback: list[str], limi
             if p in lineage and p not in ids:
                 ids.add(p)
                 frontier.append(p)
-    for cid, info in list(lineage.items())[-200:]:   # other children, among the newest candidates
+    # other children, among the newest 200 candidates (read from the end: a copy of the whole
+    # lineage per prompt made gcot prompts linear in the run's length)
+    for cid, info in reversed(list(itertools.islice(reversed(lineage.items()), 200))):
         if len(ids) >= limit:
             break
         if set(info["parents"]) & ids:

@@ -11,10 +11,9 @@ import time
 from collections import deque
 
 from autoprune_ray.engine.config import RunConfig
-from autoprune_ray.engine.database import Individual, fitness_from_perplexity, subtree_features
+from autoprune_ray.engine.database import Individual, fitness_from_perplexity
 from autoprune_ray.engine.metrics import EngineMetrics
 from autoprune_ray.engine.storage import RunStore, split_orphan_evaluations
-from autoprune_ray.operators.language import CandidateError, parse
 from autoprune_ray.tasks.base import TaskPlugin
 
 log = logging.getLogger("autoprune_ray.engine")
@@ -118,19 +117,15 @@ class RunRecords:
         if row["status"] not in ("ok", "screened"):
             self.population.record_failure()
             return
-        try:
-            features = subtree_features(parse(job["code"], self.cfg.task, job.get("granularity", "row")).tree)
-        except CandidateError:
-            features = frozenset()
         ind = Individual(job["candidate_id"], job["hash"], job["code"], row["fitness"], row["proxy"],
                          row["perplexity"], job["island"], job.get("operator", ""), list(job.get("parents", [])),
-                         features)
-        self.population.add(ind)
+                         language=self.cfg.task, granularity=job.get("granularity", "row"))
+        improved = self.population.add(ind)
         if job["candidate_id"] in self.lineage:
             self.lineage[job["candidate_id"]]["fitness"] = row["fitness"]
-        snap = self.population.snapshot()
-        self.metrics.set("best_fitness", snap["best_fitness"])
-        self.metrics.set("best_perplexity", snap["best_perplexity"])
+        if improved:   # the gauges change only with the best
+            self.metrics.set("best_fitness", row["fitness"])
+            self.metrics.set("best_perplexity", row["perplexity"])
 
     # ------------------------------------------------------------------ resume
     def replay(self):

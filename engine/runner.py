@@ -1,4 +1,9 @@
-"""Drive a `Search` with Ray actors: one policy, one population manager, N evaluators."""
+"""Drive a `Search` with Ray actors: one policy, one population manager, N evaluators.
+
+The loop works in batches: each turn collects every call that has finished (one `ray.wait`), then
+sends work to every idle evaluator (engine/dispatch.py), and makes no synchronous Ray call per
+candidate (the population is read locally, engine/actors.py). Tables are written at most once a second
+(`CHECKPOINT_MIN_SECONDS`), so a fast search writes large parts rather than one per evaluation."""
 from __future__ import annotations
 
 import logging
@@ -7,82 +12,20 @@ from collections import deque
 
 import ray
 
+from autoprune_ray.engine.actors import QUIET_ACTORS, ActorPool, MirroredPopulation, SyncActor, ensure_ray
 from autoprune_ray.engine.config import RunConfig
 from autoprune_ray.engine.controller import LLM_OPERATORS, Inflight, Search
 from autoprune_ray.engine.database import Population
+from autoprune_ray.engine.dispatch import (MAX_ATTEMPTS, batch_died, batch_failed, batch_timed_out, dispatch,
+                                           record_batch, requeue)
 from autoprune_ray.engine.display import Display
-from autoprune_ray.engine.evaluator import EvaluatorWorker
-from autoprune_ray.engine.policy import PolicyWorker
 from autoprune_ray.llm.dpo import train_round
-from autoprune_ray.tasks import get_task
 
+__all__ = ["MAX_ATTEMPTS", "QUIET_ACTORS", "ActorPool", "ActorsFailed", "SyncActor", "ensure_ray", "run_search"]
 log = logging.getLogger("autoprune_ray.engine")
-MAX_ATTEMPTS = 3          # a candidate whose evaluator died this often is recorded as failed
-# The actors' tqdm bars (model loading, calibration walks) would be forwarded to the driver's
-# terminal, dozens of them; the driver's display says what the actors are doing instead.
-QUIET_ACTORS = {"env_vars": {"TQDM_DISABLE": "1"}}
-RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
-
-
-def ensure_ray(cfg: RunConfig) -> None:
-    if ray.is_initialized():
-        return
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, log_to_driver=True)
-    else:
-        # A new local instance even when `ray start` left an address file on this machine (a plain
-        # ray.init() would join that cluster). The dashboard binds to localhost. Token
-        # authentication stays on, as Ray sets it; its warning at every start is said once here.
-        logging.getLogger(RAY_AUTH_LOGGER).addFilter(_drop_token_auth_notice)
-        context = ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard,
-                           dashboard_host=cfg.ray.dashboard_host)
-        if context.dashboard_url:
-            log.info("Ray dashboard: http://%s (token authentication is on: paste the token from "
-                     "~/.ray/auth_token when it asks)", context.dashboard_url)
-
-
-def _drop_token_auth_notice(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
-
-
-class ActorPool:
-    """Named actors and their in-flight calls."""
-
-    def __init__(self, cfg: RunConfig):
-        ev, pol = cfg.evaluators, cfg.policy
-        name = cfg.name
-        Evaluator = ray.remote(EvaluatorWorker)
-        self.evaluators = [Evaluator.options(
-            name=f"{name}:evaluator-{i}", num_cpus=ev.num_cpus, num_gpus=ev.num_gpus, max_restarts=ev.max_restarts,
-            max_task_retries=0, runtime_env=QUIET_ACTORS).remote(cfg, i) for i in range(ev.num)]
-        self.policy = ray.remote(PolicyWorker).options(
-            name=f"{name}:policy", num_cpus=0, num_gpus=pol.num_gpus, max_restarts=pol.max_restarts,
-            max_task_retries=0, runtime_env=QUIET_ACTORS).remote(
-                pol, get_task(cfg.task).prompts.system, cfg.task if pol.grammar else None)
-        s = cfg.search
-        self.population = ray.remote(Population).options(name=f"{name}:population", num_cpus=0).remote(
-            s.islands, s.population_size, s.elites, s.migration_interval, s.seed)
-        self.inflight: dict[ray.ObjectRef, Inflight] = {}
-        self.idle = set()
-        self.restarts = 0
-        self.dead: set[int] = set()   # evaluators whose constructor raised (Ray does not restart them)
-        for i, actor in enumerate(self.evaluators):
-            self.inflight[actor.ping.remote()] = Inflight("ping", i, time.time())
-
-    def kill(self) -> None:
-        for actor in [*self.evaluators, self.policy, self.population]:
-            ray.kill(actor)
-
-
-class SyncActor:
-    """Call an actor's methods as if local: `handle.add(x)` is `ray.get(actor.add.remote(x))`."""
-
-    def __init__(self, actor):
-        self._actor = actor
-
-    def __getattr__(self, name):
-        method = getattr(self._actor, name)
-        return lambda *args, **kwargs: ray.get(method.remote(*args, **kwargs))
+# Tables and checkpoint are written every `search.checkpoint_every` evaluations, but at most this
+# often: at hundreds of evaluations a second, a part per few evaluations was most of the cost.
+CHECKPOINT_MIN_SECONDS = 1.0
 
 
 def run_search(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict:
@@ -90,8 +33,11 @@ def run_search(cfg: RunConfig, resume: bool = False, progress: bool = True) -> d
     with Display(cfg.search.max_evaluations, cfg.fitness.measure, live=progress) as display:
         ensure_ray(cfg)
         pool = ActorPool(cfg)
+        s = cfg.search
+        population = MirroredPopulation(Population(s.islands, s.population_size, s.elites, s.migration_interval,
+                                                   s.seed), pool.population)
         try:
-            search = Search.open(cfg, resume=resume, progress=progress, population=SyncActor(pool.population))
+            search = Search.open(cfg, resume=resume, progress=progress, population=population)
         except BaseException:
             pool.kill()   # e.g. RunExists: named actors must not outlive a run that never started
             raise
@@ -109,7 +55,7 @@ def _run(search: Search, pool: "ActorPool", display: Display) -> dict:
         _promote(search, pool)
         # promoted: read from the promotions table once, at the end (summary() runs on every loop turn)
         summary = search.summary() | {"stop_reason": reason, "evaluator_restarts": pool.restarts,
-                                      "promoted": search.promoted()}
+                                      "promoted": search.promoted()} | pool.start_up()
         search.store.save_checkpoint({"summary": summary, "next_id": search.next_id})
     finally:
         search.store.flush()   # whatever happened, every recorded outcome reaches the tables
@@ -121,7 +67,7 @@ def _run(search: Search, pool: "ActorPool", display: Display) -> dict:
 def _loop(search: Search, pool: ActorPool, display: Display) -> str:
     cfg = search.cfg
     generating = False
-    since_checkpoint = 0
+    checkpoints = _Checkpoints(cfg.search.checkpoint_every)
     while True:
         reason = search.stop_reason()
         if reason:
@@ -131,29 +77,54 @@ def _loop(search: Search, pool: ActorPool, display: Display) -> str:
             generating = _request_generation(search, pool)
         if generating:
             _fill_idle(search, pool)
-        _dispatch(search, pool)
+        dispatch(search, pool)
+        search.population.sync()
         waiting = time.perf_counter()
-        ready, _ = ray.wait(list(pool.inflight), num_returns=1, timeout=0.5) if pool.inflight else ([], [])
+        ready = _ready_batch(pool)
         loop_start += time.perf_counter() - waiting   # waiting on actors is not engine overhead
+        recorded = 0
         for ref in ready:
             call = pool.inflight.pop(ref)
-            if call.kind == "generate":
-                generating = False
-            since_checkpoint += _collect(search, pool, ref, call)
-        _enforce_time_limits(search, pool)
+            generating = generating and call.kind != "generate"
+            recorded += _collect(search, pool, ref, call)
+        checkpoints.count(search, recorded + _enforce_time_limits(search, pool))
         _maybe_train(search, pool)
-        if since_checkpoint >= cfg.search.checkpoint_every:
-            search.store.save_checkpoint({"summary": search.summary(), "next_id": search.next_id})
-            since_checkpoint = 0
-        search.stats["overhead_seconds"] += time.perf_counter() - loop_start
+        search.metrics.flush()
         search.metrics.set("eval_queue_depth", len(search.queue))
         search.metrics.set("evaluators_busy", sum(1 for c in pool.inflight.values() if c.kind == "eval"))
+        search.stats["overhead_seconds"] += time.perf_counter() - loop_start
         display.update(search.summary, len(search.queue))   # summary: read only when live
         if not pool.inflight and not search.queue and not generating:
             # nothing can make progress (e.g. every operator needs parents and none survived)
             if not _request_generation(search, pool):
                 return "nothing left to evaluate"
             generating = True
+
+
+class _Checkpoints:
+    """Tables and checkpoint after every `checkpoint_every` outcomes, at most every
+    `CHECKPOINT_MIN_SECONDS`."""
+
+    def __init__(self, every: int):
+        self.every, self.since, self.last = every, 0, time.monotonic()
+
+    def count(self, search: Search, recorded: int) -> None:
+        self.since += recorded
+        if self.since >= self.every and time.monotonic() - self.last >= CHECKPOINT_MIN_SECONDS:
+            search.store.save_checkpoint({"summary": search.summary(), "next_id": search.next_id})
+            self.since, self.last = 0, time.monotonic()
+
+
+def _ready_batch(pool: ActorPool) -> list:
+    """Every in-flight call that has finished, waiting up to half a second for the first: one
+    loop turn handles a whole batch of outcomes, not one."""
+    if not pool.inflight:
+        return []
+    refs = list(pool.inflight)
+    ready, rest = ray.wait(refs, num_returns=1, timeout=0.5)
+    if ready and rest:
+        ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+    return ready
 
 
 def _request_generation(search: Search, pool: ActorPool) -> bool:
@@ -185,16 +156,6 @@ def _fill_idle(search: Search, pool: ActorPool) -> None:
         search.symbolic_child(op)
 
 
-def _dispatch(search: Search, pool: ActorPool) -> None:
-    limit = search.cfg.search.max_evaluations
-    while pool.idle and search.queue and search.dispatched < limit:
-        worker = pool.idle.pop()
-        job = search.queue.popleft() | {"proxy_cutoff": search.proxy_cutoff()}
-        ref = pool.evaluators[worker].evaluate.remote(job)
-        pool.inflight[ref] = Inflight("eval", worker, time.time(), job)
-        search.dispatched += 1
-
-
 def _collect(search: Search, pool: ActorPool, ref, call: Inflight) -> int:
     if call.kind == "dpo":
         _finish_round(search, pool, ref, call)
@@ -204,17 +165,17 @@ def _collect(search: Search, pool: ActorPool, ref, call: Inflight) -> int:
     except ray.exceptions.RayActorError as exc:
         return _actor_died(search, pool, call, exc)
     except ray.exceptions.RayTaskError as exc:   # a bug in our own code: recorded, never fatal
-        result = {"status": "failed", "reason": f"evaluator error: {exc}"[:500]}
-    if call.kind == "ping":
+        if call.kind == "generate":
+            raise
         pool.idle.add(call.worker)
+        return batch_failed(search, call, f"evaluator error: {exc}"[:500]) if call.kind == "eval" else 0
+    if call.kind == "ping":
+        pool.mark_ready(call.worker, result)
         return 0
     if call.kind == "generate":
         search.handle_completions(call.payload, result)
         return 0
-    pool.idle.add(call.worker)
-    search.stats["busy_seconds"] += time.time() - call.started
-    search.record_evaluation(call.payload, result)
-    return 1
+    return record_batch(search, pool, call, result)
 
 
 class ActorsFailed(RuntimeError):
@@ -229,28 +190,18 @@ def _actor_died(search: Search, pool: ActorPool, call: Inflight, exc) -> int:
         log.warning("policy actor died (%s); it restarts and the batch is asked again", type(exc).__name__)
         _serve_adapter(search, pool)   # the restarted actor starts from the base model
         return 0
-    if call.kind == "eval":
-        job = call.payload
-        job["attempts"] = job.get("attempts", 0) + 1
-        search.dispatched -= 1
-        if job["attempts"] >= MAX_ATTEMPTS:
-            search.dispatched += 1
-            search.record_evaluation(job, {"status": "failed", "reason": f"evaluator died {MAX_ATTEMPTS} times"})
-        else:
-            log.warning("%s: evaluator-%d died mid-evaluation; re-queued (attempt %d)", search.tag(job),
-                        call.worker, job["attempts"])
-            search.queue.appendleft({k: v for k, v in job.items() if k != "proxy_cutoff"})
+    recorded = batch_died(search, call) if call.kind == "eval" else 0
     pool.restarts += 1
     _ping_later(pool, call.worker)
-    return 1 if call.kind == "eval" and call.payload.get("attempts", 0) >= MAX_ATTEMPTS else 0
+    return recorded
 
 
 def _cannot_start(search: Search, pool: ActorPool, call: Inflight, reason: str) -> int:
     if call.kind == "generate":
         raise ActorsFailed(f"the policy actor failed to start: {reason}")
-    if call.kind == "eval":   # its job goes back to the queue for the evaluators that did start
-        search.dispatched -= 1
-        search.queue.appendleft({k: v for k, v in call.payload.items() if k != "proxy_cutoff"})
+    if call.kind == "eval":   # its jobs go back to the queue for the evaluators that did start
+        search.dispatched -= len(call.payload["jobs"])
+        requeue(search, call.payload["jobs"])
     pool.dead.add(call.worker)
     log.error("evaluator-%d failed to start: %s", call.worker, reason)
     if len(pool.dead) == len(pool.evaluators):
@@ -273,18 +224,19 @@ def _ping_later(pool: ActorPool, worker: int) -> None:
         log.error("evaluator-%d is gone for good", worker)
 
 
-def _enforce_time_limits(search: Search, pool: ActorPool) -> None:
+def _enforce_time_limits(search: Search, pool: ActorPool) -> int:
+    """Kill and restart evaluators past the limit; returns the outcomes recorded."""
     limit = search.cfg.search.eval_time_limit
-    now = time.time()
+    now, recorded = time.time(), 0
     for ref, call in list(pool.inflight.items()):
         if call.kind != "eval" or now - call.started <= limit:
             continue
         del pool.inflight[ref]
         ray.kill(pool.evaluators[call.worker], no_restart=False)   # interrupts the hung task
-        search.record_evaluation(call.payload, {"status": "timeout", "seconds": now - call.started,
-                                                "reason": f"exceeded the {limit:.0f} s time limit"})
+        recorded += batch_timed_out(search, call, now, limit)
         pool.restarts += 1
         _ping_later(pool, call.worker)
+    return recorded
 
 
 def _maybe_train(search: Search, pool: ActorPool) -> None:
@@ -340,6 +292,8 @@ def _drain_and_close(search: Search, pool: ActorPool) -> None:
     if search.queue:
         # Left as accepted and unevaluated: a resumed run evaluates them, so no program is lost to a stop.
         log.info("%d accepted candidates are pending evaluation", len(search.queue))
+    search.population.sync(force=True)
+    search.metrics.flush()
     search.store.flush()
 
 
@@ -372,7 +326,7 @@ def _promote(search: Search, pool: ActorPool) -> None:
 
 def _collect_promotion(search: Search, pool: ActorPool, ref, call: Inflight) -> None:
     if call.kind == "ping":
-        pool.idle.add(call.worker)
+        pool.mark_ready(call.worker, None)
     if call.kind != "promote":
         return
     try:

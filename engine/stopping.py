@@ -37,6 +37,7 @@ def summary(cfg: RunConfig, records: RunRecords, learning: PolicyLearning, popul
             "pending": len(records.queue), "best_id": snap["best_id"], "best_fitness": snap["best_fitness"],
             "best_perplexity": snap["best_perplexity"],
             "best_code": snap["best_code"],
+            "started": records.t0,   # epoch seconds: the tables' time columns count from it
             "seconds": elapsed, "tokens_per_second": stats["tokens"] / max(elapsed, 1e-9),
             "evaluator_utilization": stats["busy_seconds"] / max(elapsed * cfg.evaluators.num, 1e-9),
             "overhead_per_candidate": stats["overhead_seconds"] / max(stats["proposed"], 1),

@@ -81,6 +81,10 @@ PART_NAME = re.compile(r"part-(\d+)\.parquet")
 # '_' prefix: pandas and pyarrow skip it when they read a table directory as one dataset
 CORRUPT_DIR = "_corrupt"
 LOCK_FILE = "driver.lock"
+# libyaml when present: a config with a long scripted policy took seconds per thousand programs in
+# the pure-Python emitter; the YAML is the same.
+_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class NotARun(FileNotFoundError):
@@ -243,6 +247,7 @@ class RunStore:
         self.buffers: dict[str, list[dict]] = {t: [] for t in TABLES}
         self.quarantined: list[Path] = []
         self._lock: RunLock | None = None
+        self._next: dict[str, int] = {}   # table -> the part number this store writes next
 
     @classmethod
     def open_existing(cls, run_dir: str | Path,
@@ -272,10 +277,10 @@ class RunStore:
     # -- config and checkpoint -----------------------------------------------------
     def write_config(self, config: dict) -> None:
         self._require_writable()
-        atomic_write_bytes(self.root / "config.yaml", yaml.safe_dump(config, sort_keys=False).encode())
+        atomic_write_bytes(self.root / "config.yaml", yaml.dump(config, Dumper=_DUMPER, sort_keys=False).encode())
 
     def read_config(self) -> dict:
-        return yaml.safe_load((self.root / "config.yaml").read_text())
+        return yaml.load((self.root / "config.yaml").read_text(), Loader=_LOADER)
 
     def save_checkpoint(self, state: dict) -> None:
         self.flush()   # tables first: a checkpoint never refers to rows that are not on disk
@@ -304,8 +309,12 @@ class RunStore:
         sink = pa.BufferOutputStream()
         pq.write_table(pa.Table.from_pylist(rows, schema=self.schemas[table]), sink)
         data = sink.getvalue().to_pybytes()
-        while not write_new_file(self._table_dir(table) / f"part-{self._next_part(table):06d}.parquet", data):
-            pass   # that number was just taken: the next scan sees it
+        # The directory is scanned once per table, not per part: a scan per write made a long
+        # run's writes quadratic in its number of parts. A number taken meanwhile is seen by a rescan.
+        number = self._next.get(table) or self._next_part(table)
+        while not write_new_file(self._table_dir(table) / f"part-{number:06d}.parquet", data):
+            number = self._next_part(table)
+        self._next[table] = number + 1
 
     def _table_dir(self, table: str) -> Path:
         return self.root / "tables" / table
@@ -374,7 +383,7 @@ def _task_columns(config_path: Path) -> dict[str, pa.DataType]:
     if not config_path.exists():
         return {}
     from autoprune_ray.tasks import TASKS   # here: it loads every task's modules (seconds)
-    task = (yaml.safe_load(config_path.read_text()) or {}).get("task")
+    task = (yaml.load(config_path.read_text(), Loader=_LOADER) or {}).get("task")
     return TASKS[task].columns if task in TASKS else {}
 
 
