@@ -76,8 +76,8 @@ def load_program(path: str, granularity: str, task: str | None = None):
     file whose functions say what it is (a metric, an allocation, or both: tasks prune, allocate,
     joint)."""
     from autoprune_ray.operators.language import CandidateError, parse, parse_file
-    if path.endswith(":best") and Path(path[:-5]).is_dir():
-        return best_program(path[:-5], granularity, task)
+    if best_of_run(path):
+        return best_program(best_of_run(path), granularity, task)
     if not Path(path).exists():
         raise FileNotFoundError(f"program file {path} does not exist")
     text = Path(path).read_text(encoding="utf-8", errors="replace")
@@ -88,14 +88,19 @@ def load_program(path: str, granularity: str, task: str | None = None):
         raise click.ClickException(f"program rejected: {exc}") from None
 
 
+def best_of_run(path: str | None) -> str | None:
+    """The run directory of RUN_DIR:best, else None (a program file)."""
+    return path[:-5] if path and path.endswith(":best") and Path(path[:-5]).is_dir() else None
+
+
 def program_band(path: str | None) -> float:
     """The band an allocation program is applied with: the one its search ran with (RUN_DIR:best),
     else the default, which is the search configs' (a program file's docstring says its band)."""
     from autoprune_ray.compress.prune import PruneConfig
-    if path and path.endswith(":best") and Path(path[:-5]).is_dir():
+    if best_of_run(path):
         from autoprune_ray.engine.report import open_run
         # a run directory written before the band was saved ran with the old default, 0.16
-        return float(open_run(path[:-5])[0].get("allocation", {}).get("lam", 0.16))
+        return float(open_run(best_of_run(path))[0].get("allocation", {}).get("lam", 0.16))
     return PruneConfig.allocation_lambda
 
 
