@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -27,6 +28,9 @@ from tqdm.auto import tqdm
 
 from .data import TokenData
 from .models import LoadedModel, block_linears, cache_root, decoder_layers
+
+
+TENSOR_FIELDS = ("sum", "sq_sum", "gram")
 
 
 @dataclass
@@ -97,6 +101,32 @@ class CalibrationStats:
     key: dict
 
     def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".partial")
+        torch.save(self._payload(lambda t: t), tmp)
+        tmp.replace(path)  # atomic
+
+    @classmethod
+    def load(cls, path: Path) -> "CalibrationStats":
+        return cls._from_payload(torch.load(path, weights_only=True), lambda t: t)
+
+    def to_shared(self) -> dict:
+        """The statistics as numpy arrays, for Ray's object store: the evaluators of one node then
+        read one copy in shared memory (numpy arrays come back from the store without a copy)."""
+        return self._payload(lambda t: None if t is None else t.cpu().numpy())
+
+    @classmethod
+    def from_shared(cls, payload: dict, device: str | torch.device = "cpu") -> "CalibrationStats":
+        """Tensors over `to_shared`'s arrays, without a copy on the CPU (an accelerator gets its own
+        copy). The store's arrays are read-only, and so are these statistics everywhere they are
+        read: a walk only ever writes fresh ones."""
+        def tensor(a):
+            return None if a is None else torch.from_numpy(a).to(device)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return cls._from_payload(payload, tensor)
+
+    def _payload(self, convert) -> dict:
+        """Blocks as plain dicts; linears that share one input (q/k/v, gate/up) keep one group."""
         payload = {"key": self.key, "blocks": []}
         for block in self.blocks:
             groups, members = {}, {}
@@ -104,19 +134,20 @@ class CalibrationStats:
                 gid = next((g for g, obj in groups.items() if obj is st), name)
                 groups.setdefault(gid, st)
                 members[name] = gid
-            payload["blocks"].append({"groups": {g: s.to_dict() for g, s in groups.items()},
-                                      "members": members, "grad_rms": block.grad_rms})
-        tmp = path.with_suffix(".partial")
-        torch.save(payload, tmp)
-        tmp.replace(path)  # atomic
+            payload["blocks"].append({
+                "groups": {g: {k: convert(v) if k in TENSOR_FIELDS else v for k, v in st.to_dict().items()}
+                           for g, st in groups.items()},
+                "members": members, "grad_rms": {n: convert(t) for n, t in block.grad_rms.items()}})
+        return payload
 
     @classmethod
-    def load(cls, path: Path) -> "CalibrationStats":
-        payload = torch.load(path, weights_only=True)
+    def _from_payload(cls, payload: dict, convert) -> "CalibrationStats":
         blocks = []
         for b in payload["blocks"]:
-            groups = {g: InputStats(**d) for g, d in b["groups"].items()}
-            blocks.append(BlockStats({n: groups[g] for n, g in b["members"].items()}, b["grad_rms"]))
+            groups = {g: InputStats(**{k: convert(v) if k in TENSOR_FIELDS else v for k, v in d.items()})
+                      for g, d in b["groups"].items()}
+            grads = {n: convert(t) for n, t in b["grad_rms"].items()}
+            blocks.append(BlockStats({n: groups[g] for n, g in b["members"].items()}, grads))
         return cls(blocks, payload["key"])
 
 

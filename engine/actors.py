@@ -49,7 +49,7 @@ def _drop_token_auth_notice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
 
 
-def _evaluator_actor(cfg: RunConfig, index: int):
+def _evaluator_actor(cfg: RunConfig, index: int, shared_stats: ray.ObjectRef | None):
     """The remote class and constructor arguments of evaluator `index`: the real one, or the
     synthetic one of benchmarks and engine tests (engine/synthetic.py)."""
     ev = cfg.evaluators
@@ -57,7 +57,20 @@ def _evaluator_actor(cfg: RunConfig, index: int):
         from autoprune_ray.engine.synthetic import SyntheticEvaluatorWorker
         return ray.remote(SyntheticEvaluatorWorker), (ev.synthetic_seconds, index, ev.fault_injection)
     from autoprune_ray.engine.evaluator import EvaluatorWorker
-    return ray.remote(EvaluatorWorker), (_without_script(cfg), index)
+    return ray.remote(EvaluatorWorker), (_without_script(cfg), index, shared_stats)
+
+
+def _shared_statistics(cfg: RunConfig) -> ray.ObjectRef | None:
+    """With several real evaluators, the calibration statistics are computed once, by a task with
+    an evaluator's resources, and every evaluator reads them from the object store: one copy per
+    node in shared memory, and one calibration walk per run. One evaluator computes its own (a
+    separate task would only load the model twice)."""
+    ev = cfg.evaluators
+    if ev.synthetic_seconds is not None or ev.num < 2:
+        return None
+    from autoprune_ray.engine.evaluator import shared_statistics
+    return ray.remote(shared_statistics).options(
+        num_cpus=ev.num_cpus, num_gpus=ev.num_gpus, runtime_env=QUIET_ACTORS).remote(_without_script(cfg))
 
 
 def _without_script(cfg: RunConfig) -> RunConfig:
@@ -76,8 +89,9 @@ class ActorPool:
         ev, pol, name = cfg.evaluators, cfg.policy, cfg.name
         self.created = time.time()
         self.evaluators = []
+        self.shared_stats = _shared_statistics(cfg)   # held here, so that a restarted evaluator finds it
         for i in range(ev.num):
-            remote_class, args = _evaluator_actor(cfg, i)
+            remote_class, args = _evaluator_actor(cfg, i, self.shared_stats)
             self.evaluators.append(remote_class.options(
                 name=f"{name}:evaluator-{i}", num_cpus=ev.num_cpus, num_gpus=ev.num_gpus,
                 max_restarts=ev.max_restarts, max_task_retries=0, runtime_env=QUIET_ACTORS).remote(*args))

@@ -20,6 +20,7 @@ import torch
 from autoprune_ray.compress.data import load_token_data
 from autoprune_ray.compress.fitness import Stage
 from autoprune_ray.compress.models import load_model
+from autoprune_ray.compress.stats import CalibrationStats
 from autoprune_ray.engine.config import RunConfig
 from autoprune_ray.operators.language import CandidateError, parse
 from autoprune_ray.tasks import get_task
@@ -30,21 +31,21 @@ class EvaluatorWorker:
     every call reads the same way (the dense weights, cached statistics); each call restores the
     dense model before it returns."""
 
-    def __init__(self, cfg: RunConfig, worker_id: int = 0):
+    def __init__(self, cfg: RunConfig, worker_id: int = 0, shared_stats: dict | None = None):
         threads = cfg.evaluators.threads or os.environ.get("AUTOPRUNE_EVAL_THREADS") or torch.get_num_threads()
         torch.set_num_threads(max(1, int(threads)))
         self.cfg, self.task, self.worker_id = cfg, get_task(cfg.task), worker_id
         self.faults = cfg.evaluators.fault_injection or {}
         self.lm = load_model(cfg.target.model, device=cfg.target.device)
-        self.evaluators = {cfg.target.seed: self.task.make_evaluator(self.lm, self._data(cfg.target.seed), cfg)}
+        self.shared = shared_stats is not None
+        stats = CalibrationStats.from_shared(shared_stats, self.lm.device) if self.shared else None
+        self.evaluators = {cfg.target.seed: self.task.make_evaluator(self.lm, self._data(cfg.target.seed), cfg, stats)}
         self.evaluator = self.evaluators[cfg.target.seed]
         self.started = time.time()
         self.node = _node_id()
 
     def _data(self, seed: int):
-        t = self.cfg.target
-        return load_token_data(self.lm.tokenizer, t.calib_data, None, t.nsamples, t.seqlen, seed,
-                               val_tokens=t.val_tokens, heldout=False)
+        return search_data(self.lm, self.cfg, seed)
 
     def _evaluator_for(self, seed: int | None):
         """The evaluator calibrated with `seed` (a promotion's second seed is built on first use;
@@ -59,7 +60,8 @@ class EvaluatorWorker:
         return Stage("perplexity", f.promote_tokens) if job.get("stage") == "promote" else Stage(f.measure, f.tokens)
 
     def ping(self) -> dict:
-        return {"worker": self.worker_id, "pid": os.getpid(), "node": self.node, "up_seconds": time.time() - self.started}
+        return {"worker": self.worker_id, "pid": os.getpid(), "node": self.node, "shared_stats": self.shared,
+                "up_seconds": time.time() - self.started}
 
     def evaluate_batch(self, jobs: list[dict]) -> list[dict]:
         """Several jobs in one call (the driver batches jobs that take milliseconds), in order."""
@@ -114,6 +116,21 @@ class EvaluatorWorker:
                 if marker:
                     open(marker, "w").close()
                 os._exit(1)
+
+
+def shared_statistics(cfg: RunConfig) -> dict:
+    """The run's calibration statistics (seed target.seed) as numpy arrays, computed once (or read
+    from the disk cache) for Ray's object store, so that N evaluators do not walk the calibration
+    set N times and a node holds one copy of them, not N."""
+    lm = load_model(cfg.target.model, device=cfg.target.device)
+    return get_task(cfg.task).statistics(lm, search_data(lm, cfg, cfg.target.seed), cfg).to_shared()
+
+
+def search_data(lm, cfg: RunConfig, seed: int):
+    """Calibration windows and the validation tokens a search may read; never the held-out split."""
+    t = cfg.target
+    return load_token_data(lm.tokenizer, t.calib_data, None, t.nsamples, t.seqlen, seed,
+                           val_tokens=t.val_tokens, heldout=False)
 
 
 def levels_text(levels: list[float], values: list[float]) -> str:

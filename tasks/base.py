@@ -9,6 +9,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from autoprune_ray.compress.fitness import DenseEvaluator
+from autoprune_ray.compress.stats import CalibrationStats, calibration_stats
 from autoprune_ray.operators.grammar import grammar_for
 from autoprune_ray.operators.language import TASK_PARTS, Candidate
 from autoprune_ray.operators.prompts import TaskPrompts
@@ -46,9 +47,15 @@ class TaskPlugin:
         """The compress-room config of one of `baselines`."""
         raise NotImplementedError
 
-    def make_evaluator(self, lm, data, cfg) -> DenseEvaluator:
-        """The evaluator that screens and measures this task's compression configs."""
+    def make_evaluator(self, lm, data, cfg, stats: CalibrationStats | None = None) -> DenseEvaluator:
+        """The evaluator that screens and measures this task's compression configs, reading `stats`
+        (from `statistics`) where given."""
         raise NotImplementedError
+
+    def statistics(self, lm, data, cfg) -> CalibrationStats:
+        """The cached statistics its evaluator reads: computed once per run and shared by the
+        evaluators of a node through Ray's object store (engine/actors.py)."""
+        return calibration_stats(lm, data, "one-pass", with_gram=True, with_grad=cfg.target.gradients)
 
     def unimplemented(self) -> list[str]:
         """The hooks a plug-in must provide but does not (a run config naming it fails validation)."""

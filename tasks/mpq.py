@@ -60,9 +60,9 @@ class MPQTask(TaskPlugin):
     def baseline_config(self, name: str, cfg) -> QuantConfig:
         return cfg.quant.quant_config(method=name)
 
-    def make_evaluator(self, lm, data, cfg) -> SensitivityEvaluator:
+    def make_evaluator(self, lm, data, cfg, stats=None) -> SensitivityEvaluator:
         return SensitivityEvaluator(lm, data, cfg.quant.quant_config(), cfg.quant.measure_config(),
-                                    with_grad=cfg.target.gradients)
+                                    stats=stats, with_grad=cfg.target.gradients)
 
     def protocol_note(self, cfg) -> str:
         q = cfg.quant

@@ -38,8 +38,8 @@ class PruningTask(TaskPlugin):
     def baseline_config(self, name: str, cfg) -> PruneConfig:
         return BaselineRun(name, cfg.target.sparsity, cfg.target.pattern).config()
 
-    def make_evaluator(self, lm, data, cfg) -> PruneEvaluator:
-        return PruneEvaluator(lm, data, with_grad=cfg.target.gradients)
+    def make_evaluator(self, lm, data, cfg, stats=None) -> PruneEvaluator:
+        return PruneEvaluator(lm, data, stats, with_grad=cfg.target.gradients)
 
 
 class PruneTask(PruningTask):

@@ -1,4 +1,5 @@
 """Calibration statistics against an explicit full-model forward pass."""
+import numpy as np
 import torch
 
 from tests_support import explicit_linear_inputs
@@ -58,3 +59,20 @@ def test_statistics_cache_round_trip(tiny_lm, tiny_data):
     torch.testing.assert_close(loaded.blocks[1]["mlp.down_proj"].gram, first.blocks[1]["mlp.down_proj"].gram)
     # a different seed is a different key
     assert first.key["windows"] and stats_path({**first.key, "seed": 1}) != path
+
+
+def test_shared_statistics_come_back_equal_and_without_a_copy(tiny_lm, tiny_data):
+    """What evaluators read from Ray's object store: numpy arrays, viewed as tensors in place."""
+    stats = calibration_stats(tiny_lm, tiny_data, with_gram=True, use_cache=False)
+    payload = stats.to_shared()
+    back = CalibrationStats.from_shared(payload)
+    assert back.key == stats.key
+    for dense, shared in zip(stats.blocks, back.blocks):
+        for name, st in dense.inputs.items():
+            for field in ("sum", "sq_sum", "gram"):
+                torch.testing.assert_close(getattr(shared[name], field), getattr(st, field), rtol=0, atol=0)
+            assert (shared[name].tokens, shared[name].samples) == (st.tokens, st.samples)
+    block = back.blocks[0]
+    assert block["self_attn.q_proj"] is block["self_attn.v_proj"]
+    group = payload["blocks"][0]["groups"][payload["blocks"][0]["members"]["mlp.down_proj"]]
+    assert np.shares_memory(block["mlp.down_proj"].gram.numpy(), group["gram"])
