@@ -25,6 +25,18 @@ def isolated_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray for one module, or the one another module's fixture already started."""
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
 def user_cache():
     """The real cache, so the ~30 s GGUF conversion of SmolLM2 happens once per machine, not per run."""
     old = os.environ.get("AUTOPRUNE_CACHE")

@@ -19,17 +19,6 @@ from autoprune_ray.engine.runner import run_search  # noqa: E402
 from tests_support import assert_one_outcome_each, scaled, tables  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """A local Ray for this module, or the one another module's fixture already started."""
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
 def programs(count: int) -> list[str]:
     """Distinct valid programs, written as a policy's completions."""
     return [f"```python\ndef score(W, A):\n    return abs(W) * A ** {0.5 + k * 1e-4:.5f}\n```" for k in range(count)]

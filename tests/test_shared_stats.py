@@ -12,16 +12,6 @@ JOB = {"candidate_id": 0, "hash": "h", "code": "def score(W, A):\n    return abs
        "granularity": "row", "proxy_cutoff": None}
 
 
-@pytest.fixture
-def local_ray():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
 def test_evaluators_share_the_statistics_and_score_as_one_alone(local_ray, tmp_path, tiny_model_dir, corpus_file):
     cfg = make_config(tmp_path, tiny_model_dir, corpus_file, name="shared")
     assert cfg.evaluators.num == 2
