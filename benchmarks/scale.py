@@ -2,7 +2,7 @@
 with the run's length and the number of evaluators. Writes benchmarks/results/scale-cpu.json,
 one key per arm.
 
-    python benchmarks/scale.py driver --candidates 1000,10000,100000 --evaluators 4
+    python benchmarks/scale.py driver --candidates 1000,10000,100000 --evaluators 4 --repeats 3
     python benchmarks/scale.py evaluators --counts 1,4,16,64 --cost 0.5
     python benchmarks/scale.py launched --counts 4,16 --cost 0.5
 
@@ -31,6 +31,7 @@ import logging
 import os
 import platform
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -74,30 +75,59 @@ def rss() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def cpu_seconds() -> float:
+    """This process's CPU time (user + system, every thread: the loop and Ray's core worker)."""
+    t = os.times()
+    return t.user + t.system
+
+
 class Memory(threading.Thread):
-    """The driver's RSS while a run goes on, sampled every 0.2 s: (epoch seconds, bytes)."""
+    """The driver's RSS and CPU time while a run goes on, sampled every 0.2 s:
+    (epoch seconds, bytes, CPU seconds)."""
 
     def __init__(self):
         super().__init__(daemon=True)
-        self.samples, self.done = [(time.time(), rss())], threading.Event()
+        self.samples, self.done = [(time.time(), rss(), cpu_seconds())], threading.Event()
 
     def run(self):
         while not self.done.wait(0.2):
-            self.samples.append((time.time(), rss()))
+            self.samples.append((time.time(), rss(), cpu_seconds()))
+
+    def _points(self, started: float, created) -> tuple[list[tuple[int, int, float]], int]:
+        """(candidates proposed so far, RSS, CPU seconds) at each sample; the run's candidates."""
+        import bisect
+        times = sorted(float(c) for c in created)
+        return [(bisect.bisect_right(times, t - started), b, c) for t, b, c in self.samples], len(times)
 
     def slope(self, started: float, created) -> float | None:
         """Bytes of RSS per candidate over the run's second half (start-up and warm-up, such as
         Ray's and Arrow's pools filling, excluded): a least-squares line through (candidates
         proposed so far, RSS) at each sample."""
-        import bisect
-
         import numpy as np
-        times = sorted(float(c) for c in created)
-        points = [(bisect.bisect_right(times, t - started), b) for t, b in self.samples]
-        half = [(n, b) for n, b in points if len(times) / 2 <= n < len(times)]
-        if len({n for n, _ in half}) < 3:
+        points, n = self._points(started, created)
+        half = [(k, b) for k, b, _ in points if n / 2 <= k < n]
+        if len({k for k, _ in half}) < 3:
             return None
-        return float(np.polyfit([n for n, _ in half], [b for _, b in half], 1)[0])
+        return float(np.polyfit([k for k, _ in half], [b for _, b in half], 1)[0])
+
+    def cpu_by_tenth(self, started: float, created) -> list[float | None]:
+        """The driver's CPU seconds per candidate in each tenth of the run's candidates (by count):
+        does the driver's own work per candidate grow as the run grows? CPU time, unlike wall
+        time, does not count the time the driver waits for a core it shares with the actors."""
+        points, n = self._points(started, created)
+        out = []
+        for i in range(10):
+            inside = [(k, c) for k, _, c in points if i * n / 10 <= k <= (i + 1) * n / 10]
+            done = inside[-1][0] - inside[0][0] if inside else 0
+            out.append((inside[-1][1] - inside[0][1]) / done if done else None)
+        return out
+
+    def cpu_per_candidate(self, started: float, created) -> float | None:
+        """CPU seconds per candidate from the first candidate to the last (start-up excluded)."""
+        points, n = self._points(started, created)
+        inside = [(k, c) for k, _, c in points if 1 <= k <= n]
+        done = inside[-1][0] - inside[0][0] if inside else 0
+        return (inside[-1][1] - inside[0][1]) / done if done else None
 
 
 class ParquetCost:
@@ -136,7 +166,7 @@ def run_arm(cfg) -> tuple[dict, dict]:
         summary = run_search(cfg, progress=False)
     wall = time.perf_counter() - start
     memory.done.set()
-    peak = max(b for _, b in memory.samples)
+    peak = max(b for _, b, _ in memory.samples)
     store = RunStore(cfg.resolved_run_dir)
     cands, evals = store.read("candidates"), store.read("evaluations")
     disk = sum(p.stat().st_size for p in Path(cfg.resolved_run_dir, "tables").rglob("*.parquet"))
@@ -148,9 +178,22 @@ def run_arm(cfg) -> tuple[dict, dict]:
         "rss_before_mb": before / 2 ** 20, "rss_peak_mb": peak / 2 ** 20,
         "rss_peak_growth_bytes_per_candidate": (peak - before) / n,
         "rss_slope_bytes_per_candidate": memory.slope(summary["started"], cands.created),
+        "driver_cpu_seconds_per_candidate": memory.cpu_per_candidate(summary["started"], cands.created),
+        "driver_cpu_seconds_per_candidate_by_tenth": memory.cpu_by_tenth(summary["started"], cands.created),
+        "code_chars_by_tenth": code_chars_by_tenth(cands),
         "parquet_seconds": parquet.seconds, "parquet_parts": parquet.parts, "parquet_rows": parquet.rows,
         "parquet_seconds_per_candidate": parquet.seconds / n, "tables_bytes_on_disk": disk,
         "disk_bytes_per_candidate": disk / n, "load_average_1min": [load_before, os.getloadavg()[0]]}
+
+
+def code_chars_by_tenth(cands) -> list[float]:
+    """Mean length of the accepted programs in each tenth of the run (by candidate id): parsing and
+    canonicalising cost grows with a program's size, and the symbolic operators grow programs
+    (under the synthetic, hash-derived fitness nothing selects against size) up to the language's
+    bound (operators.parser.MAX_NODES)."""
+    import numpy as np
+    code = cands.sort_values("candidate_id").code.fillna("").str.len().to_numpy()
+    return [float(part.mean()) for part in np.array_split(code, 10)]
 
 
 def steady(evals, cands) -> dict:
@@ -178,7 +221,7 @@ def _by_tenth(created, begin: float, span: float) -> list[float] | None:
 
 
 def machine() -> str:
-    return (f"{platform.machine()}, {os.cpu_count()} cores (shared with other work), "
+    return (f"{platform.machine()}, {os.cpu_count()} cores, "
             f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2 ** 30:.0f} GiB, "
             f"Python {platform.python_version()}")
 
@@ -213,22 +256,49 @@ def main():
 @click.option("--evaluators", default=4, show_default=True)
 @click.option("--cost", default=0.0, show_default=True, help="Seconds per evaluation.")
 @click.option("--cpus", default=2, show_default=True, help="CPUs of the local Ray instance.")
+@click.option("--repeats", default=3, show_default=True, help="Runs of each length, each in a fresh process.")
 @click.option("--log-level", default="WARNING", show_default=True)
-def driver(candidates: str, evaluators: int, cost: float, cpus: int, log_level: str) -> None:
-    """Throughput, overhead, memory and Parquet cost of runs of growing length."""
+@click.option("--run-key", default=None, hidden=True, help="(internal) one run, written under this key.")
+def driver(candidates: str, evaluators: int, cost: float, cpus: int, repeats: int, log_level: str,
+           run_key: str | None) -> None:
+    """Throughput, overhead, memory and Parquet cost of runs of growing length. Each run gets a
+    fresh process (one run's leftovers must not tax the next), and each length the median of
+    `repeats` runs: on a shared 2-core machine, runs of the same length differ by ~20%."""
+    if run_key is not None:
+        return _driver_run(int(candidates), evaluators, cost, cpus, log_level, run_key)
+    for n in (int(x) for x in candidates.split(",")):
+        keys = [f"driver-{n}/run{i}" for i in range(repeats)]
+        for key in keys:
+            subprocess.run([sys.executable, __file__, "driver", "--candidates", str(n), "--evaluators", str(evaluators),
+                            "--cost", str(cost), "--cpus", str(cpus), "--log-level", log_level, "--run-key", key],
+                           check=True)
+        data = json.loads(OUT.read_text())
+        runs = [data.pop(k) for k in keys]
+        OUT.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        _write(f"driver-{n}", _median_of(runs))
+
+
+def _median_of(runs: list[dict]) -> dict:
+    """The run of median overhead, whole, with every run's headline figures beside it."""
+    import statistics
+    ranked = sorted(runs, key=lambda r: r["overhead_per_candidate_seconds"])
+    headline = ("overhead_per_candidate_seconds", "driver_cpu_seconds_per_candidate", "candidates_per_second")
+    return ranked[len(ranked) // 2] | {"repeats": len(runs)} | {
+        f"{k}_runs": [r[k] for r in runs] for k in headline} | {
+        f"median_{k}": statistics.median(r[k] for r in runs if r[k] is not None) for k in headline}
+
+
+def _driver_run(n: int, evaluators: int, cost: float, cpus: int, log_level: str, key: str) -> None:
     ray = _ray(cpus, log_level)
     with tempfile.TemporaryDirectory() as tmp:
-        for n in (int(x) for x in candidates.split(",")):
-            cfg = scale_config(Path(tmp), f"driver-{n}", n, evaluators, cost, cpus)
-            summary, m = run_arm(cfg)
-            evals, cands = m.pop("evaluations_table"), m.pop("candidates_table")
-            result = m | steady(evals, cands) | {
-                "overhead_per_candidate_seconds": summary["overhead_per_candidate"],
-                "overall_candidates_per_second": m["candidates"] / summary["seconds"],
-                "evaluator_ready_seconds": [min(summary["evaluator_ready_seconds"]),
-                                            max(summary["evaluator_ready_seconds"])],
-                "evaluators": evaluators, "cost_seconds": cost, "log_level": log_level, "machine": machine()}
-            _write(f"driver-{n}", result)
+        cfg = scale_config(Path(tmp), f"driver-{n}", n, evaluators, cost, cpus)
+        summary, m = run_arm(cfg)
+        evals, cands = m.pop("evaluations_table"), m.pop("candidates_table")
+        _write(key, m | steady(evals, cands) | {
+            "overhead_per_candidate_seconds": summary["overhead_per_candidate"],
+            "overall_candidates_per_second": m["candidates"] / summary["seconds"],
+            "evaluator_ready_seconds": [min(summary["evaluator_ready_seconds"]), max(summary["evaluator_ready_seconds"])],
+            "evaluators": evaluators, "cost_seconds": cost, "log_level": log_level, "machine": machine()})
     ray.shutdown()
 
 
