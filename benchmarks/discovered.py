@@ -81,7 +81,7 @@ def main(programs, baselines, sparsities, corpora, seeds, protocol_name, model):
                     row = {"corpus": corpus, "seed": seed, "sparsity": sparsity, "method": label,
                            "perplexity": measured.perplexity, "achieved": measured.result.sparsity,
                            "band": cfg.allocation_lambda if cfg.allocation == "program" else None,
-                           "seconds": measured.seconds, **data.describe()}
+                           "seconds": measured.seconds, **data.describe(), "window_nll": measured.window_nll}
                     if not math.isfinite(row["perplexity"]):
                         raise FloatingPointError(f"{label}: perplexity is not finite")
                     with path.open("a") as f:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .data import TokenData, load_token_data
-from .eval import perplexity
+from .eval import perplexity_of, window_nll
 from .models import LoadedModel, load_model
 from .protocol import Protocol
 from .prune import PruneConfig, PruneResult, prune_model
@@ -26,6 +26,7 @@ class Measured:
     result: CompressionResult
     perplexity: float             # on data.evaluation
     seconds: float                # wall-clock of the compression alone
+    window_nll: list[float]       # mean NLL of each held-out window, for paired intervals
 
 
 def protocol_data(tokenizer, protocol: Protocol) -> TokenData:
@@ -55,4 +56,5 @@ def load_and_measure(model: str, protocol: Protocol, cfg: CompressionConfig, *, 
     start = time.perf_counter()
     result = apply_compression(lm, data, cfg)
     seconds = time.perf_counter() - start
-    return Measured(lm, data, result, perplexity(lm, data.evaluation, data.seqlen), seconds)
+    nll = window_nll(lm, data.evaluation, data.seqlen)
+    return Measured(lm, data, result, perplexity_of(nll), seconds, nll)
