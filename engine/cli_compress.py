@@ -60,7 +60,7 @@ def measure_and_show(cfg, save, report_name: str, as_json: bool, show_tables, **
 
     measured = load_and_measure(cfg=cfg, **measure_args(**options))
     report = {**measured.result.to_dict(), "perplexity": measured.perplexity, "model": measured.lm.name,
-              "protocol": measured.data.describe()}
+              "protocol": measured.data.describe(), "window_nll": measured.window_nll}
     if save:
         save_pruned(measured.lm, save, report, report_name)
     if as_json:

@@ -1,5 +1,6 @@
 """The command line on the tiny model: tables, export, and clear errors for bad input."""
 import json
+import math
 
 import pytest
 import torch
@@ -43,6 +44,9 @@ def test_prune_json_output(run):
     report = json.loads(result.output[result.output.index("{"):])
     assert report["label"] == "sparsegpt 2:4" and report["sparsity"] == 0.5
     assert torch.isfinite(torch.tensor(report["perplexity"]))
+    nll = report["window_nll"]   # each held-out window's mean NLL, so two reports can be paired
+    assert len(nll) == report["protocol"]["eval_tokens"] // report["protocol"]["seqlen"]
+    assert report["perplexity"] == pytest.approx(math.exp(sum(nll) / len(nll)))
 
 
 @pytest.mark.parametrize("args,message", [
