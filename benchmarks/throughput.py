@@ -5,6 +5,7 @@ in one run on one machine, and where a finished search spent its time.
     python benchmarks/throughput.py proxy --programs 14 --stride 4
     python benchmarks/throughput.py search --config configs/local.yaml --seconds 420
     python benchmarks/throughput.py run runs/local        # after `autoprune-ray run configs/local.yaml`
+    python benchmarks/throughput.py select --rounds 5
 
 `evaluator`: one evaluator (the target model, its cached statistics), as a search actor holds it.
 Each round times, alternately on the same seed programs,
@@ -29,6 +30,11 @@ evaluation's warm-up are paid once per run). Each arm is also summarised as `run
 
 `run`: a finished search's wall time split into the policy (generation seconds), the evaluators
 (busy seconds over the evaluator count) and the driver (the rest), with evaluations per hour.
+
+`select`: the exact-count row selection every level of every candidate runs on every linear
+(Wanda-style scores of SmolLM2's 210 linears at 0.6 and 0.7, one torch thread as in an evaluator
+actor), with the k-th value found by `torch.kthvalue` (before) and by `kernels.select.kth_in_rows`
+(after), alternating in each round; the masks must be identical.
 
 Writes benchmarks/results/throughput-cpu.json (one key per subcommand).
 """
@@ -213,6 +219,34 @@ def search(config_path: str, seconds: float, threads: int) -> None:
     result = {"config": config_path, "seconds_per_arm": seconds, "arms": arms,
               "speedup_over_before": {name: arm["steady_evaluations_per_hour"] / first for name, arm in arms.items()}}
     _write("search", result)
+
+
+@main.command()
+@click.option("--rounds", default=5, show_default=True)
+def select(rounds: int) -> None:
+    import torch
+
+    import autoprune_ray.kernels.select as sel
+    from autoprune_ray.compress.models import block_linears, decoder_layers, load_model
+
+    torch.set_num_threads(1)
+    lm, g = load_model("smollm2", device="cpu"), torch.Generator().manual_seed(0)
+    scores = [lin.weight.detach().abs() * torch.rand(lin.weight.shape[1], generator=g)
+              for block in decoder_layers(lm.model) for lin in block_linears(block).values()]
+    after = sel.kth_in_rows
+    arms = {"before": lambda s, k: s.kthvalue(k, dim=1, keepdim=True).values, "after": after}
+    seconds, masks = {name: [] for name in arms}, {}
+    for _ in range(rounds):
+        for name, kth in arms.items():
+            sel.kth_in_rows = kth
+            masks[name], t = timed(lambda: [sel.row_mask(s, level) for level in (0.6, 0.7) for s in scores])
+            seconds[name].append(t)
+    sel.kth_in_rows = after
+    same = all(torch.equal(a, b) for a, b in zip(masks["before"], masks["after"]))
+    best = {name: min(v) for name, v in seconds.items()}
+    _write("select", {"linears": len(scores), "levels": [0.6, 0.7], "threads": 1, "rounds": rounds,
+                      "seconds_per_candidate": seconds, "best_seconds": best, "masks_identical": same,
+                      "speedup": best["before"] / best["after"], "machine": platform.platform()})
 
 
 @main.command()

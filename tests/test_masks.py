@@ -93,3 +93,15 @@ def test_bad_inputs_are_rejected_clearly():
         parse_pattern("half")
     with pytest.raises(ValueError, match="granularity"):
         select_mask(torch.randn(2, 4), 0.5, granularity="column")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_kth_in_rows_equals_torch_kthvalue_with_ties_nan_and_strided_input(dtype):
+    from autoprune_ray.kernels.select import kth_in_rows
+    g = torch.Generator().manual_seed(3)
+    score = (torch.rand(9, 40, generator=g) * 4).round().to(dtype)     # many ties
+    score[2, 5] = float("nan")                                          # NaN ranks highest in both
+    for s in (score, score.t().contiguous().t(), score[:, ::2]):        # contiguous, transposed storage, strided
+        for k in (1, 7, s.shape[1]):
+            torch.testing.assert_close(kth_in_rows(s, k), s.kthvalue(k, dim=1, keepdim=True).values,
+                                       rtol=0, atol=0, equal_nan=True, msg=f"k={k}, strides {s.stride()}")
