@@ -44,13 +44,26 @@ def baseline_config(label: str, sparsity: float):
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| corpus | seed | sparsity | method | perplexity | vs wanda |", "|---|---|---|---|---|---|"]
-    wanda = {(r["corpus"], r["seed"], r["sparsity"]): r["perplexity"] for r in rows if r["method"] == "wanda"}
+    """One row per measurement; "vs wanda" with a paired 95% bootstrap interval over the held-out
+    windows where both rows kept their windows' NLL (the held-out sample's noise only)."""
+    lines = ["| corpus | seed | sparsity | method | perplexity | vs wanda (95% interval) |", "|---|---|---|---|---|---|"]
+    wanda = {(r["corpus"], r["seed"], r["sparsity"]): r for r in rows if r["method"] == "wanda"}
     for r in sorted(rows, key=lambda r: (r["corpus"], r["seed"], r["sparsity"], r["perplexity"])):
         ref = wanda.get((r["corpus"], r["seed"], r["sparsity"]))
-        rel = f"{r['perplexity'] / ref - 1:+.1%}" if ref and r["method"] != "wanda" else ""
+        rel = versus(r, ref) if ref and r["method"] != "wanda" else ""
         lines.append(f"| {r['corpus']} | {r['seed']} | {r['sparsity']:g} | {r['method']} | {r['perplexity']:.2f} | {rel} |")
     return "\n".join(lines) + "\n"
+
+
+def versus(row: dict, ref: dict) -> str:
+    """Relative perplexity change of `row` against `ref`, with its paired interval when both
+    rows have their windows."""
+    from autoprune_ray.compress.eval import perplexity_ratio_interval
+    text = f"{row['perplexity'] / ref['perplexity'] - 1:+.1%}"
+    if row.get("window_nll") and ref.get("window_nll"):
+        _, low, high = perplexity_ratio_interval(row["window_nll"], ref["window_nll"])
+        text += f" ({low - 1:+.1%} to {high - 1:+.1%})"
+    return text
 
 
 @click.command()
