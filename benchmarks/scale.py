@@ -115,19 +115,19 @@ class Memory(threading.Thread):
         does the driver's own work per candidate grow as the run grows? CPU time, unlike wall
         time, does not count the time the driver waits for a core it shares with the actors."""
         points, n = self._points(started, created)
-        out = []
-        for i in range(10):
-            inside = [(k, c) for k, _, c in points if i * n / 10 <= k <= (i + 1) * n / 10]
-            done = inside[-1][0] - inside[0][0] if inside else 0
-            out.append((inside[-1][1] - inside[0][1]) / done if done else None)
-        return out
+        return [_cpu_rate(points, i * n / 10, (i + 1) * n / 10) for i in range(10)]
 
     def cpu_per_candidate(self, started: float, created) -> float | None:
         """CPU seconds per candidate from the first candidate to the last (start-up excluded)."""
         points, n = self._points(started, created)
-        inside = [(k, c) for k, _, c in points if 1 <= k <= n]
-        done = inside[-1][0] - inside[0][0] if inside else 0
-        return (inside[-1][1] - inside[0][1]) / done if done else None
+        return _cpu_rate(points, 1, n)
+
+
+def _cpu_rate(points: list[tuple[int, int, float]], low: float, high: float) -> float | None:
+    """CPU seconds per candidate between the first and last sample with low <= candidates <= high."""
+    inside = [(k, c) for k, _, c in points if low <= k <= high]
+    done = inside[-1][0] - inside[0][0] if inside else 0
+    return (inside[-1][1] - inside[0][1]) / done if done else None
 
 
 class ParquetCost:
@@ -187,10 +187,9 @@ def run_arm(cfg) -> tuple[dict, dict]:
 
 
 def code_chars_by_tenth(cands) -> list[float]:
-    """Mean length of the accepted programs in each tenth of the run (by candidate id): parsing and
-    canonicalising cost grows with a program's size, and the symbolic operators grow programs
-    (under the synthetic, hash-derived fitness nothing selects against size) up to the language's
-    bound (operators.parser.MAX_NODES)."""
+    """Mean length of the programs in each tenth of the run (by candidate id): parsing and
+    canonicalising cost grows with a program's size, so a run whose programs grew would slow for
+    that reason alone (measured flat in these arms: the scripted completions have one size)."""
     import numpy as np
     code = cands.sort_values("candidate_id").code.fillna("").str.len().to_numpy()
     return [float(part.mean()) for part in np.array_split(code, 10)]
