@@ -12,7 +12,10 @@ in the printed form (`def score(W, A):\\n    return ...`). The grammar is a boun
     up to MAX_COMPOSED inputs (allocate's 91 pairs and 364 triples, prune's triples) get a composed
     body instead: a sum or product of one single-input operand per parameter (see _Composer).
   * The result varies as the spec requires: the expression reads one input of the required shape
-    (W or G for a score, any per-layer input for an allocation) outside every reduction.
+    (W or G for a score, any per-layer input for an allocation) outside every reduction. A
+    sensitivity (mpq: one number per layer) is such an expression over E reduced over every
+    weight, times or plus at most one small factor: another input reduced to a number, a scalar
+    input or a constant (see _scalar).
   * Size: each input, constant, call, reduction and exponent costs a unit; an expression has at
     most `units` of them (RIA takes 7), so every completion closes within `longest(...)` characters.
   * Constants are small (< 100) and never the sole operands of an operation (no `2 ** 99`, no
@@ -21,7 +24,7 @@ in the printed form (`def score(W, A):\\n    return ...`). The grammar is a boun
 Left out of the language: local variables, docstrings and comments, annotations, default
 parameters, aliases, `.values`/`[0]`, pow()/clamp as methods, two-sided clamps (their bounds could
 be reversed), `std()` without dim, constants of 100 and more, and result shapes a score cannot
-have (task mpq's one number per layer: no grammar).
+have.
 """
 from __future__ import annotations
 
@@ -30,15 +33,17 @@ from dataclasses import dataclass
 from itertools import combinations, permutations
 from typing import Mapping, Sequence
 
+from autoprune_ray.operators.language import SENSITIVITY_READS
 from autoprune_ray.operators.parser import MAX_DEPTH, MAX_EXPONENT
 from autoprune_ray.operators.specs import SPECS, LanguageSpec
+from autoprune_ray.tree.expr import COLVEC, ROWVEC, SCALAR
 
 MAX_SETS = 16           # expression grammars per function: one per parameter set
 MAX_COMPOSED = 3        # the most parameters of a composed signature (see _Composer)
 # Expression size by the spec's result_must_vary. A unit nests at most two levels (a call and a
 # free minus sign), so 2 * units + 1 levels, plus what sorting a flattened sum or product adds,
 # stay within the parser's MAX_DEPTH. RIA takes 7 units.
-UNITS = {"matrix": 7, "rows": 5}
+UNITS = {"matrix": 7, "rows": 5, "scalar": 5}
 
 assert 2 * max(UNITS.values()) + 1 < MAX_DEPTH
 # a composed body (see _Composer) of k operands of UNITS // k + 1 units nests k - 1 levels more
@@ -199,7 +204,10 @@ class _Expression:
 
 
 def _must_inputs(spec: LanguageSpec) -> list[str] | None:
-    """The inputs whose presence outside reductions makes the result vary as the spec requires."""
+    """The inputs whose presence outside reductions makes the result vary as the spec requires;
+    for a sensitivity, the matrix among the inputs the parser requires it to read (E)."""
+    if spec.result_must_vary == "scalar":
+        return [name for name in SENSITIVITY_READS if name in spec.inputs and spec.inputs[name].is_matrix]
     wanted = {"matrix": lambda shape: shape.is_matrix, "rows": lambda shape: shape.rows}.get(spec.result_must_vary)
     return None if wanted is None else [name for name, shape in spec.inputs.items() if wanted(shape)]
 
@@ -278,19 +286,56 @@ def _join(operands: list[_E | None], op: _E) -> _E | None:
     return out
 
 
+_WHOLE = (".sum()", ".mean()", ".max()", ".norm()",        # a reduction over every weight, also as the
+          ".sum(dim=0, keepdim=True).sum(dim=1, keepdim=True)",    # canonical form prints it
+          ".mean(dim=0, keepdim=True).mean(dim=1, keepdim=True)")
+
+
+def _scalar(rules: _Rules, shared: dict[str, _E], prefix: str, spec: LanguageSpec, params: Sequence[str],
+            expression: _Expression | None, body: _E) -> _E:
+    """A sensitivity's body: the expression `body` (or a primary of `expression`) reduced over every
+    weight, optionally with a coefficient, times or plus one small factor: a non-scalar parameter
+    (under a call) reduced to one number, a vector reduced along the dim it varies on, or a scalar
+    parameter; or plus a constant."""
+    whole = shared["whole"]
+    reduced = [_seq(_lit("("), body, _lit(")"), whole)]
+    if expression is not None:
+        units = UNITS[spec.result_must_vary]
+        reduced.append(_seq(_alt(expression.get("R", "m", b) for b in range(1, units + 1)), whole))
+    main = rules.add(f"{prefix}M", reduced)
+    small = [_lit(p) for p in params if spec.inputs[p] == SCALAR]
+    for p in (p for p in params if spec.inputs[p] != SCALAR):
+        small.append(_seq(_alt([_lit(p), _seq(shared["ufn"], _lit(f"({p})"))]), _opt(shared["method"]), whole))
+        dim = {COLVEC: "1", ROWVEC: "0"}.get(spec.inputs[p])
+        if dim is not None:
+            small.append(_seq(_lit(f"{p}."), _alt(_lit(r) for r in _REDUCE), _lit(f"(dim={dim}, keepdim=True)")))
+    small = rules.add(f"{prefix}Q", small)
+    coef = _opt(_seq(shared["coef"], _lit(" * ")))
+    term = rules.add(f"{prefix}T", [_seq(coef, main, _opt(_seq(shared["mul"], small))),
+                                    _seq(coef, small, shared["mul"], main)])
+    other = _alt([small, shared["coef"]])
+    return _alt([term, _seq(term, shared["add"], other), _seq(other, shared["add"], term)])
+
+
 def _function(rules: _Rules, shared: dict[str, _E], index: int, spec: LanguageSpec, must: list[str]) -> _E:
     """One function: a whole expression grammar per parameter set of `_parameter_sets`, a
-    composed body per set of `_composed_sets`."""
+    composed body per set of `_composed_sets`; a sensitivity reduces either to one number."""
     shared = {**shared, "reduce": _reductions(rules, index, _dims(spec))}
+    if spec.result_must_vary == "scalar":
+        shared["whole"] = rules.add(f"f{index}whole", [_lit(w) for w in _WHOLE])
     bodies, single = {}, {}
     for k, params in enumerate(_parameter_sets(spec, must)):
         expression = _Expression(rules, shared, f"f{index}p{k}", params, must)
         bodies[params] = expression.build(UNITS[spec.result_must_vary])
+        if spec.result_must_vary == "scalar":
+            bodies[params] = _scalar(rules, shared, f"f{index}p{k}", spec, params, expression, bodies[params])
         if len(params) == 1:
             single[params[0]] = expression
     composer = _Composer(rules, shared, index, spec, single)
-    for params in _composed_sets(spec, must, list(bodies)):
+    for k, params in enumerate(_composed_sets(spec, must, list(bodies))):
         bodies[params] = composer.body(params)
+        if spec.result_must_vary == "scalar":
+            bodies[params] = _scalar(rules, shared, f"f{index}c{k}", spec, params, None, bodies[params])
     return rules.add(f"f{index}", [_seq(_lit(f"def {spec.function}({', '.join(params)}):\n    return "), body,
                                         _lit("\n")) for params, body in bodies.items()])
 

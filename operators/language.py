@@ -321,12 +321,16 @@ def _check_node(node: Node) -> None:
             check_constant(bound, " (a clamp bound)")
 
 
+# A sensitivity that reads neither scores every bit width alike.
+SENSITIVITY_READS = frozenset({"E", "b"})
+
+
 def _check_sensitivity(tree: Node, shape: Shape) -> None:
     if shape.rows or shape.cols:
         raise CandidateError("the sensitivity must reduce to one number per layer: sum or mean over all "
                              "weights, e.g. (E ** 2 * H).sum()")
     used = expr.inputs_of(tree)
-    if not used & {"E", "b"}:
+    if not used & SENSITIVITY_READS:
         raise CandidateError("the sensitivity must depend on the quantization error E (or the bits b), "
                              "otherwise every bit width looks the same")
 

@@ -6,10 +6,13 @@ import pyarrow as pa
 
 from autoprune_ray.compress.mpq_fitness import SensitivityEvaluator
 from autoprune_ray.compress.quantize import QuantConfig
-from autoprune_ray.operators.prompts import TaskPrompts, preamble_text, system_prompt
+from autoprune_ray.operators.prompts import Ideas, TaskPrompts, preamble_text, system_prompt
 from autoprune_ray.operators.seeds import sensitivity_seeds
 from autoprune_ray.operators.specs import MPQ
 from autoprune_ray.tasks.base import TaskPlugin
+
+# a proxy reads E with a statistic of its layer (not G: a run collects it only with target.gradients)
+SENSITIVITY_IDEAS = Ideas(MPQ, leads=("E",), others=("W", "A", "H", "b", "d"))
 
 PROMPTS = TaskPrompts(
     preamble=preamble_text(
@@ -25,6 +28,7 @@ PROMPTS = TaskPrompts(
                   "model's output and write a sensitivity for it."),
     system=system_prompt("sensitivity proxies for mixed-precision quantization of neural networks"),
     example="def sensitivity(E, A):\n    x = E.abs() * A\n    return x.sum() / (1 + A.mean())",
+    ideas=(SENSITIVITY_IDEAS,),
 )
 
 

@@ -27,7 +27,7 @@ from autoprune_ray.tasks import TASKS  # noqa: E402
 
 from hostile_programs import TOLERATED, hostile_programs  # noqa: E402
 
-GRAMMAR_TASKS = ("prune", "allocate", "joint")
+GRAMMAR_TASKS = ("prune", "allocate", "joint", "mpq")
 
 # Accepted programs (the language tests' corpus) whose canonical form the grammar leaves out, and why.
 OUTSIDE = {
@@ -74,7 +74,28 @@ def accepts(ebnf: str, text: str) -> bool:
 def test_task_plugins_give_their_grammar_or_none():
     for task in GRAMMAR_TASKS:
         assert TASKS[task].grammar().startswith("root ::= ")
-    assert TASKS["mpq"].grammar() is None          # one number per layer: no grammar (yet)
+    assert set(GRAMMAR_TASKS) == set(TASKS)
+
+
+@pytest.mark.parametrize("text", [
+    "def sensitivity(E, H):\n    return H.mean(dim=1, keepdim=True) * square(E).sum()\n",
+    "def sensitivity(E, A):\n    return (E.abs() * A).mean() / A.max() + 1\n",
+    "def sensitivity(E, b):\n    return b * (E ** 2).sum(dim=0, keepdim=True).sum(dim=1, keepdim=True)\n",
+])
+def test_sensitivities_reduced_to_one_number_are_in_the_grammar(text, grammars):
+    assert accepts(grammars["mpq"].ebnf, fenced(text))
+
+
+@pytest.mark.parametrize("text", [
+    "def sensitivity(E):\n    return E ** 2\n",                       # one value per weight
+    "def sensitivity(E, H):\n    return (E * H).sum(dim=0, keepdim=True)\n",   # one per input channel
+    "def sensitivity(W, H):\n    return (W * H).sum()\n",                # reads neither E nor b
+    "def sensitivity(E):\n    return 2.0\n",
+])
+def test_sensitivities_that_are_not_one_number_or_ignore_E_are_outside_the_grammar(text, grammars):
+    with pytest.raises(CandidateError):
+        parse(text, "mpq")
+    assert not accepts(grammars["mpq"].ebnf, fenced(text))
 
 
 def test_the_grammar_follows_the_specs():
@@ -213,7 +234,7 @@ def test_every_string_the_grammar_allows_parses(task, grammars):
 def test_the_grammar_is_bounded(grammars):
     # a token is at least one character: a completion closes within `longest` new tokens
     assert grammars["prune"].longest <= 260 and grammars["allocate"].longest <= 260
-    assert grammars["joint"].longest <= 480
+    assert grammars["joint"].longest <= 480 and grammars["mpq"].longest <= 400
 
 
 # ---------------------------------------------------------------- constrained generation
