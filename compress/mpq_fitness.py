@@ -19,13 +19,13 @@ import numpy as np
 import torch
 
 from autoprune_ray.tree.expr import Node
-from autoprune_ray.kernels.quant import fake_quantize
 
 from .data import TokenData
 from .eval import reconstruction_error
 from .fitness import DenseEvaluator, Screened
 from .models import LoadedModel, cache_root
-from .quantize import QuantConfig, allocate_bits, apply_bits, layer_sizes
+from .quantize import QuantConfig, allocate_bits, layer_sizes
+from .rounding import RoundedWeights
 from .sensitivity import measured_sensitivity, program_sensitivity, quant_layers, rank_correlation, sample_layers
 from . import bits as bitalloc
 from .stats import CalibrationStats
@@ -51,6 +51,7 @@ class SensitivityEvaluator(DenseEvaluator):
         self.qlayers = quant_layers(lm.model)
         self.qdense = [self.dense[layer.block][layer.name] for layer in self.qlayers]
         self.sizes = layer_sizes(self.qlayers)
+        self.rounded = RoundedWeights(self.qlayers, self.qdense, self.quant, self.stats)
         self.relative_error = self._relative_errors()
         self.ground_truth = measure or MeasureConfig()   # `measure` is the staged-fitness method
         self.measured_layers, self.measured = self._measured()
@@ -62,8 +63,7 @@ class SensitivityEvaluator(DenseEvaluator):
             gram = self.stats.blocks[layer.block][layer.name].gram
             base = reconstruction_error(w, torch.zeros_like(w), gram)
             for j, b in enumerate(self.quant.choices):
-                quantized = fake_quantize(w, b, self.quant.group_size)[0]
-                table[i, j] = reconstruction_error(w, quantized, gram) / max(base, 1e-30)
+                table[i, j] = reconstruction_error(w, self.rounded.fitted(i, b), gram) / max(base, 1e-30)
         return table
     def _measured(self) -> tuple[list[int], list[float]]:
         m = self.ground_truth
@@ -84,7 +84,7 @@ class SensitivityEvaluator(DenseEvaluator):
 
     def table(self, tree: Node) -> np.ndarray:
         return program_sensitivity(tree, self.qlayers, self.qdense, self.stats, list(self.quant.choices),
-                                   self.quant.group_size)
+                                   self.quant.group_size, self.rounded.error)
 
     def screen(self, config: QuantConfig) -> Screened:
         """Sensitivities, the allocation at this evaluator's budget, forward-free error and rank
@@ -102,7 +102,8 @@ class SensitivityEvaluator(DenseEvaluator):
         return Screened(chosen, error, columns, time.perf_counter() - start)
 
     def _apply(self, bits: list[int]) -> None:
-        apply_bits(self.qlayers, bits, self.quant, self.stats, self.qdense)
+        for i, (layer, b) in enumerate(zip(self.qlayers, bits)):
+            layer.linear.weight.data.copy_(self.rounded.fitted(i, b))
 
     def describe(self) -> dict:
         return {"quant": asdict(self.quant) | {"program": None}, "measure": asdict(self.ground_truth)}

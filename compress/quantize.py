@@ -22,12 +22,13 @@ import torch
 from torch import nn
 
 from autoprune_ray.tree.expr import Node, call, inp
-from autoprune_ray.kernels.quant import check_bits, check_group_size, fake_quantize
+from autoprune_ray.kernels.quant import check_bits, check_group_size
 
 from . import bits as bitalloc
 from .data import TokenData
 from .gptq import gptq_quantize
 from .models import LoadedModel, block_linears
+from .rounding import round_weight
 from .sensitivity import (QuantLayer, aptq_sensitivity, hawq_sensitivity, hutchinson_traces, program_sensitivity,
                           quant_layers)
 from .stats import BlockContext, BlockStats, CalibrationStats, calibration_stats
@@ -163,11 +164,8 @@ def apply_bits(layers: list[QuantLayer], bits: list[int], cfg: QuantConfig, stat
     here takes `stats` as they are (one-pass); quantize_model runs the sequential protocol."""
     for k, (layer, b) in enumerate(zip(layers, bits)):
         weight = dense[k] if dense is not None else layer.linear.weight.data
-        if cfg.quantizer == "gptq":
-            gram = stats.blocks[layer.block][layer.name].gram
-            new = gptq_quantize(weight, gram, b, cfg.group_size, cfg.gptq_blocksize, cfg.gptq_damp)
-        else:
-            new = fake_quantize(weight, b, cfg.group_size)[0]
+        gram = stats.blocks[layer.block][layer.name].gram if cfg.quantizer == "gptq" else None
+        new = round_weight(weight, b, cfg.quantizer, cfg.group_size, gram, cfg.gptq_blocksize, cfg.gptq_damp)
         layer.linear.weight.data.copy_(new)
 
 

@@ -72,8 +72,10 @@ def _finite(table: np.ndarray, layers: list[QuantLayer], what: str) -> np.ndarra
 # ---------------------------------------------------------------- programs (and the gram HAWQ)
 
 def program_sensitivity(tree: Node, layers: list[QuantLayer], dense: list[torch.Tensor], stats: CalibrationStats,
-                        choices: list[int], group_size: int) -> np.ndarray:
-    """[L, B]: the program on each layer's inputs (operators.language.MPQ) at each bit width."""
+                        choices: list[int], group_size: int, error=None) -> np.ndarray:
+    """[L, B]: the program on each layer's inputs (operators.language.MPQ) at each bit width;
+    `error(i, bits)` gives E from a cache (compress.rounding), else it is computed here."""
+    error = error or (lambda i, bits: quant_error(dense[i], bits, group_size))
     n_blocks = max(layer.block for layer in layers) + 1
     table = np.empty((len(layers), len(choices)))
     for i, (layer, weight) in enumerate(zip(layers, dense)):
@@ -81,7 +83,7 @@ def program_sensitivity(tree: Node, layers: list[QuantLayer], dense: list[torch.
         env = score_inputs(weight, block[layer.name], block.grad_rms.get(layer.name),
                            layer.block / max(n_blocks - 1, 1))
         for j, bits in enumerate(choices):
-            env["E"], env["b"] = quant_error(weight, bits, group_size), torch.tensor(float(bits))
+            env["E"], env["b"] = error(i, bits), torch.tensor(float(bits))
             table[i, j] = float(expr.evaluate(tree, env).reshape(-1)[0])
     return _finite(table, layers, "the sensitivity program")
 

@@ -65,7 +65,7 @@ class QuantSettings:
     group_size: int = 128
     bits: list[int] = field(default_factory=lambda: [2, 3, 4, 8])
     allocator: str = "ilp"            # ilp (exact) or greedy
-    quantizer: str = "rtn"            # rtn, or gptq
+    quantizer: str = "rtn"            # rtn, or gptq (fitness: one-pass, rounded once per evaluator)
     measure_layers: int = 16          # rank correlation: layers quantized alone, a fixed sample
     measure_bits: int = 2               # one layer at 3 bits moves the NLL less than its noise on 2k tokens
     measure_tokens: int = 2048

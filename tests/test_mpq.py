@@ -174,6 +174,43 @@ def test_sensitivity_evaluator_scores_a_program_and_restores_the_model(tiny):
     assert all(torch.equal(a, layer.linear.weight.data) for a, layer in zip(before, quant_layers(lm.model)))
 
 
+@pytest.mark.parametrize("quantizer", ["rtn", "gptq"])
+def test_the_evaluators_rounding_cache_gives_what_recomputing_gives(tiny, quantizer):
+    """The table, the first stage's errors and the applied weights come from weights rounded once
+    per evaluator; each must equal a fresh computation (RTN for E, the fitness quantizer for the
+    model), and scoring one candidate must not change what the next one gets."""
+    from autoprune_ray.compress.eval import reconstruction_error
+    from autoprune_ray.compress.gptq import gptq_quantize
+    lm, data = tiny
+    quant = QuantConfig(method="uniform", avg_bits=4.5, group_size=GROUP, quantizer=quantizer, gptq_mode="one-pass")
+    ev = SensitivityEvaluator(lm, data, quant, MeasureConfig(layers=3, bits=2, tokens=128))
+    layers, choices = quant_layers(lm.model), list(quant.choices)
+    dense = [layer.linear.weight.data.clone() for layer in layers]
+    stats = calibration_stats(lm, data, "one-pass", with_gram=True)
+    programs = [sensitivity_seeds()[name].tree for name in ("output-error", "hawq")]
+    for tree in programs:
+        np.testing.assert_allclose(ev.table(tree), program_sensitivity(tree, layers, dense, stats, choices, GROUP),
+                                   rtol=1e-6)
+    for i, (layer, w) in enumerate(zip(layers, dense)):
+        gram = stats.blocks[layer.block][layer.name].gram
+        for j, b in enumerate(choices):
+            fresh = gptq_quantize(w, gram, b, GROUP) if quantizer == "gptq" else fake_quant_reference(w, b, GROUP)[0]
+            expected = reconstruction_error(w, fresh, gram) / reconstruction_error(w, torch.zeros_like(w), gram)
+            assert ev.relative_error[i, j] == pytest.approx(expected, rel=1e-5)
+    bits = [choices[i % len(choices)] for i in range(len(layers))]
+    alone = ev.perplexity(bits)
+    ev.perplexity(ev.screen(QuantConfig(method="program", program=programs[1])).value)
+    assert ev.perplexity(bits) == alone
+    ev._apply(bits)
+    try:
+        for i, (layer, w, b) in enumerate(zip(layers, dense, bits)):
+            gram = stats.blocks[layer.block][layer.name].gram
+            fresh = gptq_quantize(w, gram, b, GROUP) if quantizer == "gptq" else fake_quant_reference(w, b, GROUP)[0]
+            torch.testing.assert_close(layer.linear.weight.data, fresh)
+    finally:
+        ev.restore()
+
+
 def test_as_uniform_budget_is_exactly_what_uniform_costs(tiny_model_dir, corpus_file):
     """Group 24 does not divide the widths 32 and 64, so uniform 3-bit costs more than 3 + 32/24 bits;
     `as_uniform` makes the budget that exact size, which uniform fills and a mixed allocation respects."""
