@@ -39,6 +39,8 @@ PRESETS = {
     "paper": Protocol(nsamples=128, seqlen=2048),
     # What a 2-core CPU finishes in minutes per method; the README table uses it.
     "cpu": Protocol(nsamples=64, seqlen=512, eval_tokens=32768),
+    # cpu's calibration, the whole held-out split (Persuasion: 107,520 tokens, ~15 min per method).
+    "cpu-full": Protocol(nsamples=64, seqlen=512),
     # A quarter of cpu's tokens: many programs × levels × corpora × seeds in one sitting.
     "quick": Protocol(nsamples=32, seqlen=256, eval_tokens=16384),
     # Seconds: tests and smoke runs.
