@@ -152,6 +152,8 @@ class DPOSettings(DPOConfig):
     window: int = 16                  # pair only completions at most this many candidate ids apart
     groupings: list[str] = field(default_factory=lambda: ["prompt", "parents"])
     max_pairs: int = 64               # a round trains on the newest pairs, at most this many
+    chosen_percentile: float = 0.0    # EvoTune: a fitness pair trains only when its chosen program
+                                      # ranks at or above this share of the run's measured ones (0: all)
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     drain_seconds: float = 600.0      # at the end of a run, how long a running round may finish
@@ -280,6 +282,7 @@ class RunConfig:
     def _validate_dpo(self) -> None:
         d, st = self.dpo, self.strategy
         _check(d.every_pairs >= 1 and d.max_pairs >= 1, "dpo.every_pairs", "every_pairs and max_pairs must be >= 1")
+        _check(0 <= d.chosen_percentile < 1, "dpo.chosen_percentile", f"in [0, 1), got {d.chosen_percentile}")
         _check(set(d.groupings) <= {"prompt", "parents"} and d.groupings, "dpo.groupings",
                f"choose from prompt and parents, got {d.groupings}")
         _check(d.reference in ("base", "previous"), "dpo.reference", f"base or previous, got {d.reference!r}")

@@ -58,7 +58,7 @@ class PolicyLearning:
             self._record_strategies()
 
     def _keep_for_training(self, pair: dict) -> None:
-        if pair["grouping"] in self.cfg.dpo.groupings:
+        if pair["grouping"] in self.cfg.dpo.groupings and prefs.trains_on(pair, self.cfg.dpo.chosen_percentile):
             self.recent_pairs.append({k: pair[k] for k in ("prompt", "chosen", "rejected")})
 
     def _record_strategies(self) -> None:

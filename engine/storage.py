@@ -63,7 +63,7 @@ SCHEMAS = {
                               ("kind", _STR), ("grouping", _STR), ("operator", _STR), ("island", _INT),
                               ("chosen_adapter", _STR), ("rejected_adapter", _STR), ("chosen_strategy", _STR),
                               ("rejected_strategy", _STR), ("chosen_id", _INT), ("rejected_id", _INT),
-                              ("time", _FLOAT)]),
+                              ("time", _FLOAT), ("chosen_rank", _FLOAT)]),
     # one row per DPO round: the adapter it wrote and its training metrics
     "adapters": pa.schema([("version", _STR), ("path", _STR), ("round", _INT), ("status", _STR), ("reason", _STR),
                            ("pairs_total", _INT), ("train_pairs", _INT), ("heldout_pairs", _INT),

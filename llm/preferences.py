@@ -8,7 +8,10 @@ parents (then the pair's prompt is the chosen completion's). Three kinds:
   * failure: both valid, one measured and the other failed its evaluation (NaN, shape error, ...);
   * fitness: both measured (perplexity), and one beat the other by more than `margin` in fitness
     (−log perplexity, so the margin is a relative perplexity gap).
-A duplicate inherits the outcome of the program it duplicates.
+A duplicate inherits the outcome of the program it duplicates. A fitness pair records its chosen
+program's rank among the run's programs measured so far (`chosen_rank`: the share that measured
+worse), so that a round can train only on pairs whose chosen program is good in absolute terms,
+as EvoTune (Surina et al. 2025) does (`trains_on`).
 
 Only completions written close together (candidate ids at most `window` apart) are paired: the
 two sides then come from nearly the same policy (adapter), and the log grows linearly with the
@@ -30,7 +33,7 @@ import pandas as pd
 
 COLUMNS = ["prompt_id", "prompt", "chosen", "rejected", "chosen_fitness", "rejected_fitness", "gap", "kind",
            "grouping", "operator", "island", "chosen_adapter", "rejected_adapter", "chosen_strategy",
-           "rejected_strategy", "chosen_id", "rejected_id", "time"]
+           "rejected_strategy", "chosen_id", "rejected_id", "time", "chosen_rank"]
 _RANK = {"rejected": 0, "failed": 1, "ok": 2}   # a measured program beats a failed one beats a rejected one
 _PENDING = "valid"                               # valid, not measured (yet): it only beats a rejected one
 
@@ -65,6 +68,7 @@ class PreferenceLog:
         self.outcomes: dict[int, tuple[str, float | None]] = {}   # any candidate's measured outcome
         self.copies: dict[int, list[Completion]] = defaultdict(list)  # original id -> duplicates of it
         self.emitted: set[tuple[int, int]] = set()
+        self.fitnesses: list[float] = []   # every measured program's fitness, sorted: ranks chosen sides
 
     # ------------------------------------------------------------------ feeding
     def add(self, c: Completion, now: float = 0.0) -> list[dict]:
@@ -91,6 +95,8 @@ class PreferenceLog:
         outcome = {"ok": "ok", "failed": "failed", "timeout": "failed"}.get(status)
         if outcome is None or (outcome == "ok" and (fitness is None or not math.isfinite(fitness))):
             return []
+        if outcome == "ok" and self.outcomes.get(candidate_id, ("",))[0] != "ok":
+            bisect.insort(self.fitnesses, fitness)
         self.outcomes[candidate_id] = (outcome, fitness if outcome == "ok" else None)
         touched = [c for c in [self.by_id.get(candidate_id), *self.copies.get(candidate_id, [])] if c is not None]
         pairs = []
@@ -134,7 +140,21 @@ class PreferenceLog:
                 "grouping": grouping, "operator": good.operator, "island": int(good.island),
                 "chosen_adapter": good.adapter, "rejected_adapter": bad.adapter, "chosen_strategy": good.strategy,
                 "rejected_strategy": bad.strategy, "chosen_id": good.candidate_id, "rejected_id": bad.candidate_id,
-                "time": float(now)}
+                "time": float(now), "chosen_rank": self._rank(good.fitness) if kind == "fitness" else None}
+
+    def _rank(self, fitness: float) -> float:
+        """The share of the programs measured so far whose fitness is below `fitness`."""
+        return bisect.bisect_left(self.fitnesses, fitness) / max(len(self.fitnesses), 1)
+
+
+def trains_on(pair: dict, chosen_percentile: float) -> bool:
+    """Whether a DPO round trains on `pair`: validity and failure pairs always; a fitness pair when
+    its chosen program ranks at or above `chosen_percentile` of the run (pairs logged before ranks
+    were recorded count as ranked)."""
+    rank = pair.get("chosen_rank")
+    if pair["kind"] != "fitness" or rank is None or (isinstance(rank, float) and math.isnan(rank)):
+        return True
+    return rank >= chosen_percentile
 
 
 # ---------------------------------------------------------------- from a run's tables

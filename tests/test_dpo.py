@@ -178,6 +178,27 @@ def test_pair_log_pairs_each_outcome_once_as_it_arrives():
     assert log.add(completion(40, 1, "late junk", status="rejected")) == []
 
 
+def test_fitness_pairs_carry_the_chosen_rank_and_rounds_can_keep_only_the_top():
+    from autoprune_ray.llm.preferences import PreferenceLog, trains_on
+    log = PreferenceLog(margin=0.01)
+    for k, ppl in enumerate((80.0, 70.0, 90.0), start=1):            # three other programs measured
+        log.measured(100 + k, "ok", -math.log(ppl))
+    log.measured(101, "ok", -math.log(80.0))                         # measured twice: counted once
+    log.add(completion(1, 1, "a"))
+    log.add(completion(2, 1, "b"))
+    log.measured(1, "ok", -math.log(60.0))
+    (pair,) = log.measured(2, "ok", -math.log(100.0))
+    # five programs measured; the chosen one (60) beats 70, 80, 90 and 100: four of five below it
+    assert pair["chosen"] == "a" and pair["chosen_rank"] == pytest.approx(4 / 5)
+    (validity,) = log.add(completion(3, 1, "junk", status="rejected"))[:1]
+    assert validity["chosen_rank"] is None
+    assert trains_on(pair, 0.8) and not trains_on(pair, 0.81) and trains_on(validity, 0.99)
+    assert trains_on(pair | {"chosen_rank": float("nan")}, 0.99)     # logged before ranks existed
+    from autoprune_ray.engine.config import ConfigError, RunConfig, from_dict
+    with pytest.raises(ConfigError, match="dpo.chosen_percentile"):
+        from_dict(RunConfig, {"dpo": {"chosen_percentile": 1.0}}).validate()
+
+
 def test_logged_pairs_equal_pairs_replayed_from_the_tables():
     from autoprune_ray.llm.preferences import PreferenceLog, replay
     cands, evals, prompts = tables()
