@@ -1,12 +1,16 @@
 """Task plug-ins: the registry, what each plug-in provides, and config validation through it."""
+from pathlib import Path
+
 import pytest
 
-from autoprune_ray.engine.config import ConfigError, RunConfig, from_dict
+from autoprune_ray.engine.config import ConfigError, RunConfig, from_dict, load_config
 from autoprune_ray.operators.language import TASK_PARTS, parse
 from autoprune_ray.operators.specs import SPECS
 from autoprune_ray.tasks import TASKS, get_task
 from autoprune_ray.tasks.base import TaskPlugin
 from autoprune_ray.tree.expr import inputs_of
+
+CONFIGS = Path(__file__).parent.parent / "configs"
 
 
 def test_every_plugin_is_complete_and_its_seeds_are_valid_programs_of_its_language():
@@ -76,3 +80,11 @@ def test_no_module_outside_the_registry_compares_a_task_name():
             for path in sorted((root / room).glob("*.py"))
             for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
     assert hits == []
+
+
+@pytest.mark.parametrize("path", sorted(p for p in CONFIGS.glob("*.yaml") if p.name != "cluster.yaml"),
+                         ids=lambda p: p.name)
+def test_every_shipped_search_config_validates_and_names_a_registered_task(path):
+    cfg = load_config(path)
+    assert cfg.task in TASKS
+    assert cfg.target.val_tokens, "a search reads a capped validation split"
