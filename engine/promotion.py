@@ -23,11 +23,15 @@ def promotion_seeds(cfg: RunConfig) -> list[int]:
 
 
 def promotion_candidates(evals: pd.DataFrame, count: int) -> list[int]:
-    """The `count` fittest distinct programs (by hash) with a measured search-stage fitness."""
+    """The `count` fittest distinct programs with a measured search-stage fitness. Distinct by
+    hash, and by behaviour: programs whose fitness is bitwise equal made the same masks (a
+    search finds many spellings of one algorithm), so only the first of them is promoted and the
+    promotion's measurements go to different algorithms."""
     if count <= 0 or evals.empty:
         return []
     ok = evals[(evals.status == "ok") & evals.fitness.notna()]
-    ok = ok.sort_values(["fitness", "candidate_id"], ascending=[False, True]).drop_duplicates("hash")
+    ok = ok.sort_values(["fitness", "candidate_id"], ascending=[False, True])
+    ok = ok.drop_duplicates("hash").drop_duplicates("fitness")
     return [int(c) for c in ok.candidate_id.head(count)]
 
 

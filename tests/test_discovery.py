@@ -147,6 +147,12 @@ def test_promotion_takes_the_fittest_distinct_programs():
     assert promotion_candidates(evals, 0) == []
 
 
+def test_promotion_skips_another_spelling_of_a_promoted_program():
+    # 8 and 2 are different texts with bitwise-equal fitness: the same masks, promoted once
+    evals = _evals([(2, "b", "ok", -1.0), (8, "g", "ok", -1.0), (7, "f", "ok", -1.5), (9, "h", "ok", -1.0000001)])
+    assert promotion_candidates(evals, 3) == [2, 9, 7]
+
+
 def test_promotion_jobs_skip_what_was_already_measured():
     cfg = RunConfig()
     cfg.fitness.promote = 2
