@@ -43,15 +43,17 @@ def baseline_config(label: str, sparsity: float):
     return replace(cfg, owl_lambda=float(spread) / 2, alpha_lambda=float(spread))
 
 
-def markdown(rows: list[dict]) -> str:
-    """One row per measurement; "vs wanda" with a paired 95% bootstrap interval over the held-out
-    windows where both rows kept their windows' NLL (the held-out sample's noise only)."""
-    lines = ["| corpus | seed | sparsity | method | perplexity | vs wanda (95% interval) |", "|---|---|---|---|---|---|"]
-    wanda = {(r["corpus"], r["seed"], r["sparsity"]): r for r in rows if r["method"] == "wanda"}
-    for r in sorted(rows, key=lambda r: (r["corpus"], r["seed"], r["sparsity"], r["perplexity"])):
-        ref = wanda.get((r["corpus"], r["seed"], r["sparsity"]))
-        rel = versus(r, ref) if ref and r["method"] != "wanda" else ""
-        lines.append(f"| {r['corpus']} | {r['seed']} | {r['sparsity']:g} | {r['method']} | {r['perplexity']:.2f} | {rel} |")
+def markdown(rows: list[dict], level: str = "sparsity", reference: str = "wanda") -> str:
+    """One row per measurement; "vs `reference`" (same corpus, seed and level) with a paired 95%
+    bootstrap interval over the held-out windows where both rows kept their windows' NLL (the
+    held-out sample's noise only)."""
+    lines = [f"| corpus | seed | {level} | method | perplexity | vs {reference} (95% interval) |",
+             "|---|---|---|---|---|---|"]
+    refs = {(r["corpus"], r["seed"], r[level]): r for r in rows if r["method"] == reference}
+    for r in sorted(rows, key=lambda r: (r["corpus"], r["seed"], r[level], r["perplexity"])):
+        ref = refs.get((r["corpus"], r["seed"], r[level]))
+        rel = versus(r, ref) if ref and r["method"] != reference else ""
+        lines.append(f"| {r['corpus']} | {r['seed']} | {r[level]:g} | {r['method']} | {r['perplexity']:.2f} | {rel} |")
     return "\n".join(lines) + "\n"
 
 

@@ -116,11 +116,21 @@ def _extra_costs(layers: list[LayerSize], choices: list[int]) -> np.ndarray:
     return np.array([[layer.numel * (b - choices[0]) for b in choices] for layer in layers], dtype=np.int64)
 
 
+def _unit_scale(s: np.ndarray) -> np.ndarray:
+    """The same argmin in [0, 1]: each layer picks exactly one width, so a constant per layer cancels,
+    and a positive factor does not reorder. HiGHS reads costs past 1e20 as infinite, and searched
+    proxies write tables like 1e30 · (…)."""
+    s = s - s.min(axis=1, keepdims=True)
+    top = s.max()
+    return s / top if top > 0 else s
+
+
 def allocate_ilp(sensitivity, choices: list[int], layers: list[LayerSize], avg_bits: float,
                  group_size: int) -> list[int]:
     """Bit widths minimising Σ_l sensitivity[l, b_l] within the budget: HAWQ-v3's integer program,
     one binary x[l, k] per (layer, choice), Σ_k x[l, k] = 1, Σ cost·x ≤ budget, solved by HiGHS."""
     s, choices, budget = _validated(sensitivity, choices, layers, avg_bits, group_size)
+    s = _unit_scale(s)
     n_layers, n_choices = s.shape
     extra = _extra_costs(layers, choices)
     spare = budget - total_cost(layers, [choices[0]] * n_layers, group_size)

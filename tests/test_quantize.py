@@ -179,6 +179,20 @@ def test_ilp_equals_brute_force_on_small_instances():
         assert objective(sens, allocate("ilp", sens, CHOICES, layers, avg, group_size)) == pytest.approx(best, abs=1e-9)
 
 
+def test_ilp_solves_tables_far_from_unit_scale():
+    # Searched proxies write tables like 1e30 · (…) or −1e25 + (…); HiGHS treats magnitudes past
+    # 1e20 as infinite. A constant per layer and a positive factor do not change the argmin, so
+    # the answer must be brute force's on the unit-scale table (shifts small enough for float64).
+    rng = np.random.default_rng(2)
+    for scale, shift in ((1e30, 0.0), (1e-30, 0.0), (1e22, -1e25), (1e22, 1e24)):
+        sens, layers, avg, group_size = random_instance(rng, max_layers=5)
+        budget = budget_bits(layers, avg)
+        best = min(objective(sens, bits) for bits in itertools.product(CHOICES, repeat=len(layers))
+                   if total_cost(layers, bits, group_size) <= budget)
+        bits = allocate_ilp(sens * scale + shift * rng.random((len(layers), 1)), CHOICES, layers, avg, group_size)
+        assert objective(sens, bits) == pytest.approx(best, rel=1e-6, abs=1e-9)
+
+
 def test_ilp_uses_a_budget_exactly_full():
     # 2 layers of 100 weights, group 100 (2 groups, 64 bits): 3 bits each costs 664 bits = 3.32 avg
     layers = [LayerSize("a", 1, 100), LayerSize("b", 1, 100)]
