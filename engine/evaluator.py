@@ -85,7 +85,7 @@ class EvaluatorWorker:
             cutoff = job.get("proxy_cutoff")
             if cutoff is None or screened.proxy <= cutoff:
                 measured = evaluator.measure(screened.value, self._stage(job))
-                out.update(measured, levels=levels_text(levels, measured["levels"]))
+                out.update(measured, levels=levels_text(levels, measured["levels"]) if self.task.leveled else "")
                 out["status"] = "ok"
             else:
                 out["status"] = "screened"   # proxy too far behind the best: no perplexity spent

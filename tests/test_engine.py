@@ -282,6 +282,7 @@ def test_mpq_search_records_bits_rank_correlation_and_reports(ray_session, tmp_p
     best proxy beside uniform, HAWQ and APTQ-style allocation at the same budget."""
     from autoprune_ray.compress.protocol import Protocol
     from autoprune_ray.engine.config import QuantSettings
+    from autoprune_ray.engine.outcome import run_outcome
     from autoprune_ray.engine.report import write_report
 
     cfg = make_config(tmp_path, tiny_model_dir, corpus_file, name="q", max_evaluations=7)
@@ -298,6 +299,11 @@ def test_mpq_search_records_bits_rank_correlation_and_reports(ray_session, tmp_p
     # a proxy that ranks every layer alike has no rank correlation (NaN); the seeds rank them
     assert ok.spearman.dropna().between(-1, 1).all() and ok.kendall.dropna().between(-1, 1).all()
     assert ok[seeds].spearman.notna().all()
+    # a budget, not a sparsity: no pruning level in the table, the closing table or its commands
+    assert (ok.levels.fillna("") == "").all()
+    outcome = run_outcome(cfg.resolved_run_dir)
+    assert not any("@" in column for column in outcome["columns"])
+    assert all("--sparsity" not in command for command, _ in outcome["next"])
     proto = Protocol(calib_data=str(corpus_file), nsamples=4, seqlen=32, eval_tokens=128)
     text = write_report(cfg.resolved_run_dir, proto).read_text()
     for label in ("| best program |", "| uniform |", "| hawq |", "| aptq |"):
