@@ -51,22 +51,23 @@ def dispatch(search: Search, pool) -> None:
     """One batch to every idle evaluator while jobs and budget last."""
     limit = search.cfg.search.max_evaluations
     cutoff = search.proxy_cutoff()   # once per turn: it changes only when outcomes are recorded
+    known = search.records.known_behaviours(cutoff)
     while pool.idle and search.queue and search.dispatched < limit:
         share = math.ceil(len(search.queue) / len(pool.idle))
-        jobs = _take(search, min(pool.sizer.size(), share, limit - search.dispatched), cutoff)
+        jobs = _take(search, min(pool.sizer.size(), share, limit - search.dispatched), cutoff, known)
         worker = pool.idle.pop()
         ref = pool.evaluators[worker].evaluate_batch.remote(jobs)
         pool.inflight[ref] = Inflight("eval", worker, time.time(), {"jobs": jobs})
         search.dispatched += len(jobs)
 
 
-def _take(search: Search, size: int, cutoff) -> list[dict]:
+def _take(search: Search, size: int, cutoff, known: dict[float, int]) -> list[dict]:
     """Up to `size` jobs from the queue's head; a solo job goes alone."""
     jobs = []
     while search.queue and len(jobs) < size:
         if search.queue[0].get("solo") and jobs:
             break
-        jobs.append(search.queue.popleft() | {"proxy_cutoff": cutoff})
+        jobs.append(search.queue.popleft() | {"proxy_cutoff": cutoff, "known_proxies": known})
         if jobs[-1].get("solo"):
             break
     return jobs
@@ -127,5 +128,5 @@ def batch_timed_out(search: Search, call: Inflight, now: float, limit: float) ->
 def requeue(search: Search, jobs: list[dict], solo: bool = False) -> None:
     """Back to the head of the queue, in their order."""
     for job in reversed(jobs):
-        job = {k: v for k, v in job.items() if k != "proxy_cutoff"}
+        job = {k: v for k, v in job.items() if k not in ("proxy_cutoff", "known_proxies")}
         search.queue.appendleft(job | {"solo": True} if solo else job)

@@ -68,7 +68,8 @@ class EvaluatorWorker:
         return [self.evaluate(job) for job in jobs]
 
     def evaluate(self, job: dict) -> dict:
-        """job: candidate_id, hash, code, granularity, proxy_cutoff (None: always measure); a
+        """job: candidate_id, hash, code, granularity, proxy_cutoff (None: always measure),
+        known_proxies (measured proxy -> candidate id: a match is not measured again); a
         promotion adds stage "promote" and its calibration seed."""
         start = time.perf_counter()
         out = {"candidate_id": job["candidate_id"], "hash": job["hash"], "worker": self.worker_id,
@@ -83,7 +84,11 @@ class EvaluatorWorker:
                                                 for level in levels])
             out.update(screened.columns, proxy=screened.proxy)
             cutoff = job.get("proxy_cutoff")
-            if cutoff is None or screened.proxy <= cutoff:
+            twin = (job.get("known_proxies") or {}).get(screened.proxy)
+            if twin is not None:   # the same masks (bits) as a measured program: its measure is known
+                out["status"] = "screened"
+                out["reason"] = f"same proxy as #{twin}: the same compression, not measured again"
+            elif cutoff is None or screened.proxy <= cutoff:
                 measured = evaluator.measure(screened.value, self._stage(job))
                 out.update(measured, levels=levels_text(levels, measured["levels"]) if self.task.leveled else "")
                 out["status"] = "ok"

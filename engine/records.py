@@ -5,6 +5,7 @@ tables end: the population is a function of the evaluation rows, in order.
 """
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import time
@@ -19,6 +20,7 @@ from autoprune_ray.tasks.base import TaskPlugin
 log = logging.getLogger("autoprune_ray.engine")
 OUTCOMES_EVALUATED = ("ok", "screened", "failed", "timeout")
 REJECTIONS_KEPT = 24      # recent rejection reasons fed back into prompts
+KNOWN_BEHAVIOURS = 256    # lowest measured proxies sent with each job, to skip re-spellings
 
 
 def evaluation_job(candidate_id: int, hash_: str, code: str, island: int, granularity: str, operator: str,
@@ -39,6 +41,7 @@ class RunRecords:
         self.lineage: dict[int, dict] = {}     # id -> code, fitness, parents, operator (for prompts)
         self.rejections: deque[tuple[str, str]] = deque(maxlen=REJECTIONS_KEPT)
         self.next_id, self.evaluated = 0, 0
+        self.lowest_proxies: list[tuple[float, int]] = []   # (proxy, first candidate measured with it), sorted
         self.stats = {"proposed": 0, "valid": 0, "tokens": 0, "busy_seconds": 0.0, "overhead_seconds": 0.0}
         self.t0 = time.time()
 
@@ -121,11 +124,28 @@ class RunRecords:
                          row["perplexity"], job["island"], job.get("operator", ""), list(job.get("parents", [])),
                          language=self.cfg.task, granularity=job.get("granularity", "row"))
         improved = self.population.add(ind)
+        if row["status"] == "ok" and row["proxy"] is not None:
+            self._remember_proxy(row["proxy"], job["candidate_id"])
         if job["candidate_id"] in self.lineage:
             self.lineage[job["candidate_id"]]["fitness"] = row["fitness"]
         if improved:   # the gauges change only with the best
             self.metrics.set("best_fitness", row["fitness"])
             self.metrics.set("best_perplexity", row["perplexity"])
+
+    def _remember_proxy(self, proxy: float, candidate_id: int) -> None:
+        """Keep the KNOWN_BEHAVIOURS lowest measured proxies: the good region, where re-spellings of
+        the fittest programs land; a bounded list keeps each dispatch turn's cost flat."""
+        at = bisect.bisect_left(self.lowest_proxies, (proxy, -1))
+        if at < len(self.lowest_proxies) and self.lowest_proxies[at][0] == proxy:
+            return
+        self.lowest_proxies.insert(at, (proxy, candidate_id))
+        del self.lowest_proxies[KNOWN_BEHAVIOURS:]
+
+    def known_behaviours(self, cutoff: float | None) -> dict[float, int]:
+        """Measured proxies (at most the cutoff: above it a candidate is screened anyway) and who
+        had them. A bitwise-equal proxy means the same masks or bits: another spelling of a measured
+        program, which an evaluator then does not measure again."""
+        return {p: cid for p, cid in self.lowest_proxies if cutoff is None or p <= cutoff}
 
     # ------------------------------------------------------------------ resume
     def replay(self):

@@ -273,3 +273,53 @@ def test_an_allocation_that_overflows_is_a_recorded_failure_with_its_reason(tmp_
     assert "AllocationError" in result["reason"] and "non-finite" in result["reason"]
     ok = parse(JOINT, "joint")   # the evaluator is dense again and measures the next program
     assert worker.evaluate({"candidate_id": 1, "hash": ok.hash, "code": ok.code, "granularity": "row"})["status"] == "ok"
+
+
+# ---------------------------------------------------------------- one measurement per behaviour
+
+def test_another_spelling_of_a_measured_program_is_screened_not_measured(tmp_path, tiny_model_dir, corpus_file):
+    """|W|·A and A·|W|·1 prune the same weights: with the first's proxy known, the second is not
+    measured again; a program with other masks still is."""
+    from autoprune_ray.engine.evaluator import EvaluatorWorker
+    from tests_support import make_config
+
+    cfg = make_config(tmp_path, tiny_model_dir, corpus_file)
+    cfg.task, cfg.target.sparsities = "joint", [0.3, 0.5]
+    worker = EvaluatorWorker(cfg.validate())
+    allocation = "def allocate(depth):\n    return depth\n"
+    first, respelled, other = (parse(f"def score(W, A):\n    return {score}\n\n{allocation}", "joint")
+                               for score in ("W.abs() * A", "A * W.abs() * 1.0", "W.abs()"))
+    assert len({first.hash, respelled.hash, other.hash}) == 3
+
+    def job(cid, cand, known):
+        return {"candidate_id": cid, "hash": cand.hash, "code": cand.code, "granularity": "row",
+                "known_proxies": known}
+
+    measured = worker.evaluate(job(0, first, {}))
+    assert measured["status"] == "ok", measured["reason"]
+    known = {measured["proxy"]: 0}
+    twin = worker.evaluate(job(1, respelled, known))
+    assert twin["status"] == "screened" and twin["proxy"] == measured["proxy"]
+    assert twin["reason"].startswith("same proxy as #0") and twin["perplexity"] is None
+    assert worker.evaluate(job(2, other, known))["status"] == "ok"
+
+
+def test_known_behaviours_keep_the_lowest_proxies_under_the_cutoff(tmp_path, tiny_model_dir, corpus_file):
+    from autoprune_ray.engine import records
+    from autoprune_ray.engine.database import Population
+    from autoprune_ray.engine.storage import RunStore
+    from tests_support import make_config
+
+    cfg = make_config(tmp_path, tiny_model_dir, corpus_file)
+    rec = records.RunRecords(cfg, get_task("prune"), RunStore(tmp_path / "run"), Population(1, 4, 1, 10, 0))
+    for cid, (status, proxy) in enumerate([("ok", 0.3), ("ok", 0.1), ("screened", 0.05), ("ok", 0.1),
+                                           ("failed", None), ("ok", 0.2)]):
+        job = {"candidate_id": cid, "hash": f"h{cid}", "code": "", "island": 0}
+        rec.admit(job, {"status": status, "proxy": proxy, "perplexity": None, "fitness": -1.0})
+    assert rec.known_behaviours(None) == {0.1: 1, 0.2: 5, 0.3: 0}   # the first to measure 0.1 keeps it
+    assert rec.known_behaviours(0.2) == {0.1: 1, 0.2: 5}
+    for cid in range(records.KNOWN_BEHAVIOURS + 5):
+        rec.admit({"candidate_id": 100 + cid, "hash": f"x{cid}", "code": "", "island": 0},
+                  {"status": "ok", "proxy": 1.0 + cid, "perplexity": None, "fitness": -2.0})
+    kept = rec.known_behaviours(None)
+    assert len(kept) == records.KNOWN_BEHAVIOURS and max(kept) < 1.0 + records.KNOWN_BEHAVIOURS
