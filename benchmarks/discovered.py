@@ -68,6 +68,38 @@ def versus(row: dict, ref: dict) -> str:
     return text
 
 
+def measure_grid(path: Path, level: str, levels: list, corpora: str, seeds: str, protocol_name: str, model: str,
+                 configs_at, columns) -> list[dict]:
+    """Every (corpus, calibration seed, level, config) measured once, `configs_at(level)` giving
+    (label, config) pairs and `columns(cfg, measured)` the row's own columns. Rows are appended to
+    `path` as they finish, so an interrupted run resumes; returns all of its rows."""
+    from autoprune_ray.compress.measure import load_and_measure
+    from autoprune_ray.compress.protocol import preset
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    seen = {(r["corpus"], r["seed"], r[level], r["method"]) for r in done}
+    for corpus in corpora.split(","):
+        for seed in (int(s) for s in seeds.split(",")):
+            protocol, data = replace(preset(protocol_name), calib_data=corpus, seed=seed), None
+            for value in levels:
+                for label, cfg in configs_at(value):
+                    if (corpus, seed, value, label) in seen:
+                        continue
+                    measured = load_and_measure(model, protocol, cfg, data=data)
+                    data = measured.data
+                    row = {"corpus": corpus, "seed": seed, level: value, "method": label,
+                           "perplexity": measured.perplexity, **columns(cfg, measured),
+                           "seconds": measured.seconds, **data.describe(), "window_nll": measured.window_nll}
+                    if not math.isfinite(row["perplexity"]):
+                        raise FloatingPointError(f"{label}: perplexity is not finite")
+                    with path.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    done.append(row)
+                    click.echo(f"{corpus} seed {seed} {level} {value:g} {label}: {row['perplexity']:.2f}", err=True)
+    return done
+
+
 @click.command()
 @click.option("--programs", required=True, help="Comma-separated program files (metric, allocation or both).")
 @click.option("--baselines", default="wanda,owl-wanda,alpha-wanda", show_default=True)
@@ -77,32 +109,11 @@ def versus(row: dict, ref: dict) -> str:
 @click.option("--protocol", "protocol_name", default="cpu", show_default=True)
 @click.option("--model", default="smollm2", show_default=True)
 def main(programs, baselines, sparsities, corpora, seeds, protocol_name, model):
-    from autoprune_ray.compress.measure import load_and_measure
-    from autoprune_ray.compress.protocol import preset
-
-    OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"measured-{protocol_name}.jsonl"
-    done = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    seen = {(r["corpus"], r["seed"], r["sparsity"], r["method"]) for r in done}
-    for corpus in corpora.split(","):
-        for seed in (int(s) for s in seeds.split(",")):
-            protocol, data = replace(preset(protocol_name), calib_data=corpus, seed=seed), None
-            for sparsity in (float(s) for s in sparsities.split(",")):
-                for label, cfg in configs(programs.split(","), baselines.split(","), sparsity):
-                    if (corpus, seed, sparsity, label) in seen:
-                        continue
-                    measured = load_and_measure(model, protocol, cfg, data=data)
-                    data = measured.data
-                    row = {"corpus": corpus, "seed": seed, "sparsity": sparsity, "method": label,
-                           "perplexity": measured.perplexity, "achieved": measured.result.sparsity,
-                           "band": cfg.allocation_lambda if cfg.allocation == "program" else None,
-                           "seconds": measured.seconds, **data.describe(), "window_nll": measured.window_nll}
-                    if not math.isfinite(row["perplexity"]):
-                        raise FloatingPointError(f"{label}: perplexity is not finite")
-                    with path.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
-                    done.append(row)
-                    click.echo(f"{corpus} seed {seed} {sparsity:g} {label}: {row['perplexity']:.2f}", err=True)
+    done = measure_grid(path, "sparsity", [float(s) for s in sparsities.split(",")], corpora, seeds, protocol_name,
+                        model, lambda sparsity: configs(programs.split(","), baselines.split(","), sparsity),
+                        lambda cfg, measured: {"achieved": measured.result.sparsity, "band": (
+                            cfg.allocation_lambda if cfg.allocation == "program" else None)})
     (OUT / f"measured-{protocol_name}.md").write_text(markdown(done))
     click.echo(markdown(done))
 

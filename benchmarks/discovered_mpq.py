@@ -11,14 +11,10 @@ uniform bits at the same budget with a paired interval over the held-out windows
 """
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import replace
 from pathlib import Path
 
 import click
-
-from discovered import OUT, markdown
+from discovered import OUT, markdown, measure_grid
 
 METHODS = ("uniform", "hawq", "aptq")
 
@@ -30,7 +26,7 @@ def configs(programs: list[str], methods: list[str], budget: int, quantizer: str
     common = {"as_uniform": budget, "quantizer": quantizer}
     out = [(Path(p).name, QuantConfig(method="program", program=parse(Path(p).read_text(), "mpq").tree, **common))
            for p in programs]
-    return out + [(m, QuantConfig(method=m, **common)) for m in methods]
+    return [(label, cfg.validate()) for label, cfg in out + [(m, QuantConfig(method=m, **common)) for m in methods]]
 
 
 @click.command()
@@ -43,35 +39,15 @@ def configs(programs: list[str], methods: list[str], budget: int, quantizer: str
 @click.option("--quantizer", type=click.Choice(["rtn", "gptq"]), default="gptq", show_default=True)
 @click.option("--model", default="smollm2", show_default=True)
 def main(programs, methods, budgets, corpora, seeds, protocol_name, quantizer, model):
-    from autoprune_ray.compress.measure import load_and_measure
-    from autoprune_ray.compress.protocol import preset
-
-    OUT.mkdir(parents=True, exist_ok=True)
     stem = OUT / f"mpq-measured-{protocol_name}-{quantizer}"
-    path = stem.with_suffix(".jsonl")
-    done = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    seen = {(r["corpus"], r["seed"], r["budget"], r["method"]) for r in done}
-    for corpus in corpora.split(","):
-        for seed in (int(s) for s in seeds.split(",")):
-            protocol, data = replace(preset(protocol_name), calib_data=corpus, seed=seed), None
-            for budget in (int(b) for b in budgets.split(",")):
-                for label, cfg in configs([p for p in programs.split(",") if p], methods.split(","), budget,
-                                          quantizer):
-                    if (corpus, seed, budget, label) in seen:
-                        continue
-                    measured = load_and_measure(model, protocol, cfg.validate(), data=data)
-                    data, result = measured.data, measured.result
-                    row = {"corpus": corpus, "seed": seed, "budget": budget, "method": label,
-                           "quantizer": quantizer, "gptq_mode": cfg.gptq_mode if quantizer == "gptq" else None,
-                           "perplexity": measured.perplexity, "avg_bits": result.avg_bits,
-                           "histogram": {str(b): n for b, n in result.histogram.items()},
-                           "seconds": measured.seconds, **data.describe(), "window_nll": measured.window_nll}
-                    if not math.isfinite(row["perplexity"]):
-                        raise FloatingPointError(f"{label}: perplexity is not finite")
-                    with path.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
-                    done.append(row)
-                    click.echo(f"{corpus} seed {seed} {budget}-bit {label}: {row['perplexity']:.2f}", err=True)
+    done = measure_grid(stem.with_suffix(".jsonl"), "budget", [int(b) for b in budgets.split(",")], corpora, seeds,
+                        protocol_name, model,
+                        lambda budget: configs([p for p in programs.split(",") if p],
+                                               [m for m in methods.split(",") if m], budget, quantizer),
+                        lambda cfg, measured: {
+                            "quantizer": quantizer, "gptq_mode": cfg.gptq_mode if quantizer == "gptq" else None,
+                            "avg_bits": measured.result.avg_bits,
+                            "histogram": {str(b): n for b, n in measured.result.histogram.items()}})
     stem.with_suffix(".md").write_text(markdown(done, level="budget", reference="uniform"))
     click.echo(markdown(done, level="budget", reference="uniform"))
 
