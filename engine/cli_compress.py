@@ -76,6 +76,7 @@ def load_program(path: str, granularity: str, task: str | None = None):
     file whose functions say what it is (a metric, an allocation, or both: tasks prune, allocate,
     joint)."""
     from autoprune_ray.operators.language import CandidateError, parse, parse_file
+    from autoprune_ray.tasks import get_task
     if best_of_run(path):
         return best_program(best_of_run(path), granularity, task)
     if not Path(path).exists():
@@ -83,9 +84,14 @@ def load_program(path: str, granularity: str, task: str | None = None):
     text = Path(path).read_text(encoding="utf-8", errors="replace")
     try:
         # strict: a file holds its function(s) and nothing else (top-level statements are rejected)
-        return parse_file(text, granularity) if task is None else parse(text, task, granularity, strict=True)
+        cand = parse_file(text, granularity) if task is None else parse(text, task, granularity, strict=True)
     except CandidateError as exc:
         raise click.ClickException(f"program rejected: {exc}") from None
+    plugin = get_task(cand.task)
+    if task is None and not plugin.leveled:   # not applied at a sparsity: not a pruning program
+        raise click.ClickException(f"{path} is a program of task {cand.task}: apply it with "
+                                   f"`autoprune-ray {plugin.apply_command} --program {path}`")
+    return cand
 
 
 def best_of_run(path: str | None) -> str | None:

@@ -262,14 +262,17 @@ def _parse(text: str, task: str, granularity: str, strict: bool) -> Candidate:
 
 
 def parse_file(text: str, granularity: str = "row") -> Candidate:
-    """A pruning program file whose task follows from what it defines: a metric (prune), an
-    allocation (allocate), or both (joint). Strict, as `parse(..., strict=True)`."""
+    """A program file whose task follows from what it defines: a metric (prune), an allocation
+    (allocate), both (joint), or a function named `sensitivity` (mpq). Strict, as
+    `parse(..., strict=True)`."""
     try:
         functions = _the_functions(_syntax_tree(_file_program(text)), "joint")
     except CandidateError:
         return parse(text, "prune", granularity, strict=True)   # its reason, in the metric's words
     if len(functions) == 2:
         return parse(text, "joint", granularity, strict=True)
+    if SPECS["mpq"].function in functions[0].name.lower():
+        return parse(text, "mpq", granularity, strict=True)
     return parse(text, _part_of(functions[0], TASK_PARTS["joint"]), granularity, strict=True)
 
 

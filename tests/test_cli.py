@@ -114,6 +114,21 @@ def test_check_prints_canonical_form_or_reason(tmp_path):
     assert out.exit_code != 0 and "program rejected" in out.output
 
 
+def test_every_committed_program_file_is_checked_as_its_task():
+    """The discovered programs in benchmarks/results: pruning files by their functions, a
+    `sensitivity` proxy as task mpq, which `prune` refuses with the command that applies it."""
+    from pathlib import Path
+    files = sorted((Path(__file__).parents[1] / "benchmarks" / "results" / "discovered").glob("*.py"))
+    tasks = {}
+    for path in files:
+        out = CliRunner().invoke(main, ["check", str(path)])
+        assert out.exit_code == 0, out.output
+        tasks[path.name] = out.output.split(";")[0].removeprefix("# task ")
+    assert tasks["mpq-3bit.py"] == "mpq" and tasks["best-70.py"] == "joint"
+    out = CliRunner().invoke(main, ["prune", "--program", str(files[0].parent / "mpq-3bit.py")])
+    assert out.exit_code != 0 and "autoprune-ray quantize --program" in out.output
+
+
 def test_program_files_with_top_level_statements_or_parser_crashers_are_rejected_in_one_line(tmp_path):
     """A file is the one function and nothing else: `check` and `prune --program` reject top-level
     statements (nothing runs either way); text that once crashed the parser gets one clear line."""
