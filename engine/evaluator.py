@@ -90,7 +90,7 @@ class EvaluatorWorker:
                 out["reason"] = f"same proxy as #{twin}: the same compression, not measured again"
             elif cutoff is None or screened.proxy <= cutoff:
                 measured = evaluator.measure(screened.value, self._stage(job))
-                out.update(measured, levels=levels_text(levels, measured["levels"]) if self.task.leveled else "")
+                out.update(measured, levels=levels_text(levels, measured["levels"]) if self.task.leveled else None)
                 out["status"] = "ok"
             else:
                 out["status"] = "screened"   # proxy too far behind the best: no perplexity spent

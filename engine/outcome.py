@@ -55,9 +55,9 @@ def _picked_rows(cands, ok, names, reference_name, promotions, config) -> list[t
 
 
 def _level_names(ok: pd.DataFrame) -> list[str]:
-    texts = ok.levels.dropna() if "levels" in ok else pd.Series(dtype=str)
-    texts = texts[texts != ""]   # a task measured at no level (a quantization budget)
-    return [] if texts.empty else [part.split(":")[0] for part in str(texts.iloc[0]).split(",")]
+    if "levels" not in ok or ok.levels.dropna().empty:
+        return []
+    return [part.split(":")[0] for part in str(ok.levels.dropna().iloc[0]).split(",")]
 
 
 def _level_values(text) -> dict[str, float]:
