@@ -73,7 +73,7 @@ class DenseEvaluator:
         self.lm, self.data = lm, data
         self.stats = stats or calibration_stats(lm, data, "one-pass", with_gram=True, with_grad=with_grad)
         self.layers = [block_linears(b) for b in decoder_layers(lm.model)]
-        self.dense = [{n: l.weight.data.clone() for n, l in block.items()} for block in self.layers]
+        self.dense = [{n: lin.weight.data.clone() for n, lin in block.items()} for block in self.layers]
         self._references: dict[int, DenseReference] = {}
 
     def screen(self, config) -> Screened:

@@ -118,7 +118,7 @@ def test_role_indicators():
 @pytest.fixture
 def dense(tiny_lm, tiny_data):
     stats = calibration_stats(tiny_lm, tiny_data, "one-pass", with_gram=True, use_cache=False)
-    weights = [{n: l.weight.data.clone() for n, l in block_linears(b).items()} for b in decoder_layers(tiny_lm.model)]
+    weights = [{n: lin.weight.data.clone() for n, lin in block_linears(b).items()} for b in decoder_layers(tiny_lm.model)]
     return weights, stats
 
 
@@ -179,8 +179,8 @@ def calibration_stats_without_gram(stats):
 
 
 def check_per_linear_targets(result, lm, sparsity, lam):
-    shapes = {f"{i}.{n}": l.weight.shape for i, b in enumerate(decoder_layers(lm.model))
-              for n, l in block_linears(b).items()}
+    shapes = {f"{i}.{n}": lin.weight.shape for i, b in enumerate(decoder_layers(lm.model))
+              for n, lin in block_linears(b).items()}
     keys, sizes = list(shapes), {k: rows * cols for k, (rows, cols) in shapes.items()}
     assert list(result.layer_targets) == keys
     values = [result.layer_targets[k] for k in keys]
@@ -208,7 +208,7 @@ def test_prune_with_a_program_gives_per_linear_targets(tiny_lm, tiny_data, metho
 
 
 def test_alpha_baseline_is_per_block_and_on_budget(tiny_lm, tiny_data):
-    weights = [{n: l.weight.data.clone() for n, l in block_linears(b).items()} for b in decoder_layers(tiny_lm.model)]
+    weights = [{n: lin.weight.data.clone() for n, lin in block_linears(b).items()} for b in decoder_layers(tiny_lm.model)]
     alphas = [np.mean([allocation.hill_alpha(w) for w in block.values()]) for block in weights]
     result = prune_model(tiny_lm, tiny_data, PruneConfig(method="wanda", sparsity=0.7, allocation="alpha"))
     assert result.config.label == "alpha-wanda"

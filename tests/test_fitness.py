@@ -66,19 +66,19 @@ def test_screening_keeps_no_state_and_applied_restores_the_dense_model(tiny_lm, 
     between calls; inside `applied` the model is pruned, after it (also after an error) dense."""
     evaluator = PruneEvaluator(tiny_lm, tiny_data)
     seeds = score_seeds()
-    dense = [l.weight.data.clone() for block in evaluator.layers for l in block.values()]
+    dense = [lin.weight.data.clone() for block in evaluator.layers for lin in block.values()]
     a = evaluator.screen(program(seeds["wanda"].tree))
     b = evaluator.screen(program(seeds["magnitude"].tree, granularity="layer"))
     ppl_b_first = evaluator.perplexity(b.value)
     ppl_a = evaluator.perplexity(a.value)
     assert evaluator.perplexity(b.value) == ppl_b_first and ppl_a != ppl_b_first
     with evaluator.applied(a.value):
-        zeros = sum(int((l.weight == 0).sum()) for block in evaluator.layers for l in block.values())
+        zeros = sum(int((lin.weight == 0).sum()) for block in evaluator.layers for lin in block.values())
         assert zeros == sum(int(m.sum()) for m in a.value.values())
     with pytest.raises(RuntimeError, match="boom"):
         with evaluator.applied(a.value):
             raise RuntimeError("boom")
-    after = [l.weight.data for block in evaluator.layers for l in block.values()]
+    after = [lin.weight.data for block in evaluator.layers for lin in block.values()]
     assert all(torch.equal(x, y) for x, y in zip(dense, after))
 
 

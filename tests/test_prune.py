@@ -50,7 +50,7 @@ def test_reconstruction_error_matches_explicit_product():
 def test_proxy_fitness_matches_explicit_forward(tiny_lm, tiny_data):
     from tests_support import explicit_linear_inputs
     stats = calibration_stats(tiny_lm, tiny_data, "one-pass", with_gram=True, use_cache=False)
-    dense = [{n: l.weight.data.clone() for n, l in block_linears(b).items()} for b in decoder_layers(tiny_lm.model)]
+    dense = [{n: lin.weight.data.clone() for n, lin in block_linears(b).items()} for b in decoder_layers(tiny_lm.model)]
     inputs = explicit_linear_inputs(tiny_lm, tiny_data.calibration)
     cfg = PruneConfig(method="wanda", sparsity=0.5, mode="one-pass")
     prune_model(tiny_lm, tiny_data, cfg)
@@ -66,8 +66,8 @@ def test_proxy_fitness_matches_explicit_forward(tiny_lm, tiny_data):
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "ria", "sparsegpt", "barber"])
 @pytest.mark.parametrize("sparsity", [0.5, 0.7])
 def test_every_method_hits_the_requested_sparsity(tiny_lm, tiny_data, method, sparsity):
-    shapes = {f"{i}.{n}": l.weight.shape for i, b in enumerate(decoder_layers(tiny_lm.model))
-              for n, l in block_linears(b).items()}
+    shapes = {f"{i}.{n}": lin.weight.shape for i, b in enumerate(decoder_layers(tiny_lm.model))
+              for n, lin in block_linears(b).items()}
     result = prune_model(tiny_lm, tiny_data, PruneConfig(method=method, sparsity=sparsity))
     for key, (rows, cols) in shapes.items():
         # every selection prunes round(rows·cols·s) of a layer (row-wise ones spread it over the rows)

@@ -56,7 +56,7 @@ def test_allocation_seeds_apply_their_rule_per_linear(tiny_lm, tiny_data):
     the exact-budget map of −outlier and of alpha over the linears."""
     from autoprune_ray.compress.models import load_model
     stats = calibration_stats(tiny_lm, tiny_data, "one-pass", with_gram=False, use_cache=False)
-    weights = [{n: l.weight.data.clone() for n, l in block_linears(b).items()} for b in decoder_layers(tiny_lm.model)]
+    weights = [{n: lin.weight.data.clone() for n, lin in block_linears(b).items()} for b in decoder_layers(tiny_lm.model)]
     inputs = allocation.linear_statistics(weights, stats.blocks, ["outlier", "alpha"])
     sizes = allocation.linear_sizes(weights)
     keys = [f"{i}.{n}" for i, n in allocation.linear_keys(weights)]
