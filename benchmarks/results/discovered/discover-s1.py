@@ -5,7 +5,7 @@ proposals, 100% valid, 172 measured by KL, 289 screened, 31 of them as another s
 measured program, 11 failed on NaN/Inf scores), candidate #401: the fourth symbolic mutation in
 a line that starts at #25, which the LLM wrote by crossing two seeds (llm_crossover). Promoted
 best on two calibration seeds (validation perplexity 0.6: 128.6 / 129.3, 0.7: 264.2 / 277.3
-under seeds 0 / 1; geometric mean 186.8, against 204.4 for seed 0's best-70.py).
+under seeds 0 / 1; geometric mean 186.8, against 204.4 for seed 0's best, discover-s0.py).
 Read as: H is the Gram diagonal, Σ x² over every calibration token, which is n·A² for n
 calibration windows (A is Wanda's per-window norm), so the metric is
 |W|·A·max(0.45, log(1 + n²A⁴)): Wanda's score with each input column weighted again, by a
