@@ -7,7 +7,7 @@ Found by `autoprune-ray run configs/discover.yaml --set search.seed=1 --set sear
 --set run_dir=runs/discover-s1` (2-core CPU, 2026-12-01; stopped by max_seconds at 472
 evaluations, short of seed 0's 600, because a baseline measurement shared the machine; 508
 proposals, 100% valid, 172 measured by KL, 289 screened, 31 of them as another spelling of a
-measured program, 11 failed on NaN/Inf scores), candidate #401: the fourth symbolic mutation in
+measured program, 11 failed on NaN/Inf scores), candidate #401: the fifth symbolic mutation in
 a line that starts at #25, which the LLM wrote by crossing two seeds (llm_crossover). Promoted
 best on two calibration seeds (validation perplexity 0.6: 128.6 / 129.3, 0.7: 264.2 / 277.3
 under seeds 0 / 1; geometric mean 186.8, against 204.4 for seed 0's best, discover-s0.py).
