@@ -55,9 +55,8 @@ def _picked_rows(cands, ok, names, reference_name, promotions, config) -> list[t
 
 
 def _level_names(ok: pd.DataFrame) -> list[str]:
-    if "levels" not in ok or ok.levels.dropna().empty:
-        return []
-    return [part.split(":")[0] for part in str(ok.levels.dropna().iloc[0]).split(",")]
+    texts = ok.levels.dropna() if "levels" in ok else pd.Series(dtype=object)
+    return [] if texts.empty else [part.split(":")[0] for part in str(texts.iloc[0]).split(",")]
 
 
 def _level_values(text) -> dict[str, float]:
