@@ -1,200 +1,277 @@
-"""What DPO does to the candidates the policy writes: an A/B on the default CPU setup.
+"""What DPO does to the programs the policy writes: an A/B, scored as the search scores them.
 
-    python benchmarks/dpo.py runs/local --rounds 2 --prompts 12 --n 4 --seeds 0,1
+    python benchmarks/dpo.py runs/discover-s1 --train-prompts 24 --ab-prompts 64 --n 2 --seeds 0,1
 
-1. Prompts: the real prompts of a finished search (RUN_DIR's prompts table), split in two by a
-   seeded shuffle: training prompts and held-out A/B prompts. No A/B prompt is trained on.
-2. Rounds: the run's own logged pairs, plus, each round, `n` completions per training prompt
-   from the current policy (base, then the newest adapter), parsed and paired exactly as the
-   engine pairs them (same prompt or same parents; validity, failure and fitness pairs). A DPO
-   round (llm/dpo.py, LoRA, reference = the frozen base) continues from the previous adapter.
-3. A/B: the held-out prompts, `n` completions each, for every seed, from the base model and from
-   the last adapter, same sampling settings and seeds. Per arm: the valid-program rate, the
-   duplicate rate (valid programs already seen in the run or earlier in the arm), and the
-   held-out perplexity of each distinct new valid program (the evaluator of the search, at
-   `--eval-tokens`): mean and best.
+1. Prompts: the prompts of a finished search that show parents (mutation, crossover, GCoT), in
+   the run's task, split by a seeded shuffle into training prompts and held-out A/B prompts. No
+   A/B prompt is trained on.
+2. Training pairs: `--train-n` fresh completions of the base policy per training prompt, with
+   the run's grammar setting and sampling settings, each valid one scored as the children of step 4 are, and
+   paired as the engine pairs them (llm.preferences.PreferenceLog, same prompt, `--margin`;
+   `--chosen-percentile` keeps a fitness pair only when its chosen program ranks at least that
+   high, as dpo.chosen_percentile does). The run's own logged pairs outside the A/B prompts are
+   added. (With the grammar on, a search's measured programs are few and far apart, so its own
+   log holds few fitness pairs: 13 in the 472 evaluations of discover-s1.)
+3. DPO rounds: llm/dpo.py (TRL's DPOTrainer on the peft LoRA adapter, reference = the frozen
+   base, the task's system prompt), each continuing from the previous adapter.
+4. A/B: every A/B prompt, `--n` completions for every seed, from the base policy and from the
+   last adapter, with the same seeds. Per arm: the valid rate, the distinct rate (a valid program
+   not written earlier in the arm), the mean log-measure of the valid children (KL to the dense
+   model as the search measures it, or the screening proxy with --stage proxy, which ranks a
+   search's own programs poorly: see stage_agreement.py; lower is better) and the share of valid
+   children that beat their best parent by that measure (parents are scored again here, not read
+   from the run). Each with a bootstrap 95% interval over prompts, and the paired difference of the arms.
 
-Writes benchmarks/results/dpo-cpu.json (or --out).
+Writes benchmarks/results/dpo-ab-cpu.json (or --out). (dpo-cpu.json is the result of this
+benchmark's first version, before the grammar: validity pairs, child perplexity, 64 samples per arm.)
 """
 from __future__ import annotations
 
 import json
+import math
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import click
+import numpy as np
 import pandas as pd
 
 RESULTS = Path(__file__).parent / "results"
+STATISTICS = ("valid_rate", "distinct_rate", "mean_log_stage", "beats_parent")
 
 
-def split_prompts(prompts: pd.DataFrame, count: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    unique = prompts.drop_duplicates("prompt_id")[["prompt_id", "operator", "prompt"]].reset_index(drop=True)
-    order = list(range(len(unique)))
-    random.Random(seed).shuffle(order)
-    return unique.iloc[order[:count]], unique.iloc[order[count:2 * count]]
+# ---------------------------------------------------------------- statistics (pure, tested)
 
+def per_prompt(samples: list[dict]) -> pd.DataFrame:
+    """Sums per prompt of one arm's samples (dicts with prompt, valid, distinct, value, beats)."""
+    frame = pd.DataFrame(samples)
+    values = frame.value.astype(float)   # None (not valid, or failed) is NaN
+    scored = values.notna()
+    frame = frame.assign(log_value=np.log(values.where(scored, 1.0)), scored=scored,
+                         beats=frame.beats.astype(float).fillna(0.0))
+    return frame.groupby("prompt").agg(samples=("valid", "size"), valid=("valid", "sum"),
+                                       distinct=("distinct", "sum"), scored=("scored", "sum"),
+                                       log_value=("log_value", "sum"), beats=("beats", "sum"))
+
+
+def arm_statistics(sums: pd.DataFrame) -> dict[str, float]:
+    """Ratios of sums: each is a share of samples, of valid or of scored children."""
+    total = sums.sum()
+
+    def share(part: str, whole: str) -> float:
+        return float(total[part] / total[whole]) if total[whole] else math.nan
+    return {"valid_rate": share("valid", "samples"), "distinct_rate": share("distinct", "samples"),
+            "mean_log_stage": share("log_value", "scored"), "beats_parent": share("beats", "valid")}
+
+
+def bootstrap(arms: dict[str, pd.DataFrame], resamples: int = 2000, seed: int = 0) -> dict:
+    """Each arm's statistics with a 95% interval from resampling prompts (the arms share their
+    prompts, so one draw serves both and gives the paired difference, last arm − first)."""
+    names = list(arms)
+    prompts = arms[names[0]].index.to_numpy()
+    rng = np.random.default_rng(seed)
+    draws = {name: [] for name in names}
+    for _ in range(resamples):
+        chosen = rng.choice(prompts, size=len(prompts), replace=True)
+        for name in names:
+            draws[name].append(arm_statistics(arms[name].loc[chosen]))
+    out = {name: {k: {"value": v, **_interval([d[k] for d in draws[name]])}
+                  for k, v in arm_statistics(arms[name]).items()} for name in names}
+    if len(names) == 2:
+        a, b = names
+        out[f"{b} - {a}"] = {k: {"value": out[b][k]["value"] - out[a][k]["value"],
+                                 **_interval([db[k] - da[k] for da, db in zip(draws[a], draws[b])])}
+                             for k in STATISTICS}
+    return out
+
+
+def _interval(values: list[float]) -> dict:
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return {"low": None, "high": None}
+    low, high = np.percentile(finite, [2.5, 97.5])
+    return {"low": float(low), "high": float(high)}
+
+
+# ---------------------------------------------------------------- measuring programs
 
 class Judge:
-    """Parses completions and measures distinct valid programs once (cached by canonical hash)."""
+    """Parses completions and scores each distinct valid program once (--stage)."""
 
-    def __init__(self, cfg, known_hashes: set[str]):
+    def __init__(self, cfg, stage: str):
         from autoprune_ray.engine.evaluator import EvaluatorWorker
+        self.cfg, self.stage = cfg, stage
         self.worker = EvaluatorWorker(cfg)
-        self.known = set(known_hashes)
-        self.perplexity: dict[str, float | None] = {}
+        self.values: dict[str, float | None] = {}
 
     def parse(self, text: str):
         from autoprune_ray.operators.language import CandidateError, parse
         try:
-            return parse(text), ""
-        except CandidateError as exc:
-            return None, str(exc)
+            return parse(text, self.cfg.task)
+        except CandidateError:
+            return None
 
-    def measure(self, cand) -> float | None:
-        if cand.hash not in self.perplexity:
+    def parent_value(self, code: str) -> float | None:
+        cand = self.parse(code)
+        return None if cand is None else self.value(cand)
+
+    def value(self, cand) -> float | None:
+        """The proxy (forward-free) or the KL to the dense model; None when the evaluation failed."""
+        if cand.hash not in self.values:
+            cutoff = float("-inf") if self.stage == "proxy" else None   # -inf: screen only, never measure
             out = self.worker.evaluate({"candidate_id": -1, "hash": cand.hash, "code": cand.code,
-                                        "granularity": cand.granularity, "proxy_cutoff": None})
-            self.perplexity[cand.hash] = out["perplexity"] if out["status"] == "ok" else None
-        return self.perplexity[cand.hash]
+                                        "granularity": cand.granularity, "proxy_cutoff": cutoff})
+            value = out.get(self.stage) if out["status"] in ("ok", "screened") else None
+            self.values[cand.hash] = value if value is not None and math.isfinite(value) and value > 0 else None
+        return self.values[cand.hash]
 
 
-def collect_pairs(backend, judge: Judge, prompts: pd.DataFrame, n: int, temperature: float, max_new_tokens: int,
-                  seed: int, log, next_id: list[int]) -> list[dict]:
-    """The engine's pairing (PreferenceLog) over n fresh completions per training prompt."""
-    from autoprune_ray.engine.database import fitness_from_perplexity
-    from autoprune_ray.llm.preferences import Completion
+def parents_of(cands: pd.DataFrame) -> dict[int, list[str]]:
+    """prompt id -> the code of the parents its completions were written from."""
+    code = cands.set_index("candidate_id").code.to_dict()
+    out = {}
+    for row in cands[cands.prompt_id.notna()].itertuples(index=False):
+        parents = [code.get(int(p)) for p in (row.parents if row.parents is not None else [])]
+        if parents and all(isinstance(c, str) and c for c in parents):
+            out.setdefault(int(row.prompt_id), parents)
+    return out
 
-    pairs = []
-    completions = backend.generate(list(prompts.prompt), n=n, temperature=temperature,
-                                   max_new_tokens=max_new_tokens, seed=seed)
-    for comp in completions:
+
+def split_prompts(prompts: pd.DataFrame, with_parents: set[int], train: int, ab: int, seed: int):
+    unique = prompts.drop_duplicates("prompt_id")
+    unique = unique[unique.prompt_id.isin(with_parents)][["prompt_id", "operator", "prompt"]]
+    order = list(range(len(unique)))
+    random.Random(seed).shuffle(order)
+    if len(order) < train + ab:
+        raise click.UsageError(f"the run has {len(order)} prompts with parents; asked for {train} + {ab}")
+    return unique.iloc[order[:train]], unique.iloc[order[train:train + ab]]
+
+
+# ---------------------------------------------------------------- the rounds and the A/B
+
+def training_pairs(backend, judge: Judge, prompts: pd.DataFrame, n: int, settings: dict, margin: float,
+                   chosen_percentile: float) -> list[dict]:
+    """The engine's pairing over n fresh completions per training prompt, scored by the judge."""
+    from autoprune_ray.llm.preferences import Completion, PreferenceLog, trains_on
+    log, pairs = PreferenceLog(margin=margin, groupings=("prompt",), window=10 ** 9), []
+    completions = backend.generate(list(prompts.prompt), n=n, **settings)
+    for cid, comp in enumerate(completions):
         row = prompts.iloc[comp.prompt_index]
-        cand, _ = judge.parse(comp.text)
-        next_id[0] += 1
-        cid = next_id[0]
-        pairs += log.add(Completion(candidate_id=cid, prompt_id=int(row.prompt_id) + 10 ** 6 * seed, prompt=row.prompt,
-                                    source=comp.text, operator=row.operator, island=0, parents=(), adapter=comp.adapter,
+        cand = judge.parse(comp.text)
+        pairs += log.add(Completion(candidate_id=cid, prompt_id=int(row.prompt_id), prompt=row.prompt,
+                                    source=comp.text, operator=row.operator, island=0, parents=(), adapter=None,
                                     strategy=None, status="rejected" if cand is None else "accepted"))
         if cand is not None:
-            ppl = judge.measure(cand)
-            pairs += log.measured(cid, "ok" if ppl is not None else "failed", fitness_from_perplexity(ppl))
-    return pairs
+            value = judge.value(cand)
+            pairs += log.measured(cid, "ok" if value else "failed", -math.log(value) if value else None)
+    return [p for p in pairs if trains_on(p, chosen_percentile)]
 
 
-def training_pairs(earlier: pd.DataFrame, new: pd.DataFrame, max_pairs: int, seed: int) -> pd.DataFrame:
-    """At most max_pairs: the round's new pairs first, then a seeded sample of earlier ones."""
-    new = new.sample(frac=1.0, random_state=seed).head(max_pairs) if len(new) else new
-    room = max_pairs - len(new)
-    old = earlier.sample(n=min(room, len(earlier)), random_state=seed) if room > 0 and len(earlier) else earlier.head(0)
-    return pd.concat([new, old], ignore_index=True)
-
-
-def ab_arm(backend, judge: Judge, prompts: list[str], n: int, temperature: float, max_new_tokens: int,
-           seeds: list[int]) -> dict:
-    samples, valid, duplicates, tokens, seconds = 0, 0, 0, 0, 0.0
-    seen = set(judge.known)
-    measured: list[float] = []
-    failed = 0
+def ab_samples(backend, judge: Judge, prompts: pd.DataFrame, parents: dict[int, list[str]], n: int,
+               seeds: list[int], settings: dict) -> tuple[list[dict], dict]:
+    samples, seen, tokens, seconds = [], set(), 0, 0.0
     for seed in seeds:
         start = time.perf_counter()
-        completions = backend.generate(prompts, n=n, temperature=temperature, max_new_tokens=max_new_tokens,
-                                       seed=seed)
+        completions = backend.generate(list(prompts.prompt), n=n, seed=seed, **settings)
         seconds += time.perf_counter() - start
         for comp in completions:
-            samples += 1
+            prompt_id = int(prompts.iloc[comp.prompt_index].prompt_id)
             tokens += comp.tokens
-            cand, _ = judge.parse(comp.text)
-            if cand is None:
-                continue
-            valid += 1
-            if cand.hash in seen:
-                duplicates += 1
-                continue
-            seen.add(cand.hash)
-            ppl = judge.measure(cand)
-            if ppl is None:
-                failed += 1
-            else:
-                measured.append(ppl)
-    return {"samples": samples, "valid": valid, "valid_rate": valid / samples,
-            "duplicates": duplicates, "duplicate_rate": duplicates / valid if valid else None,
-            "new_programs": len(measured) + failed, "failed_evaluations": failed,
-            "mean_child_perplexity": sum(measured) / len(measured) if measured else None,
-            "best_child_perplexity": min(measured) if measured else None,
-            "child_perplexities": sorted(measured), "tokens": tokens, "generation_seconds": seconds}
+            cand = judge.parse(comp.text)
+            sample = {"prompt": prompt_id, "valid": cand is not None, "distinct": False, "value": None, "beats": None}
+            if cand is not None:
+                sample.update(distinct=cand.hash not in seen, value=judge.value(cand))
+                seen.add(cand.hash)
+                best_parent = min((v for v in map(judge.parent_value, parents[prompt_id]) if v), default=None)
+                sample["beats"] = bool(sample["value"] and best_parent and sample["value"] < best_parent)
+            samples.append(sample)
+    return samples, {"tokens": tokens, "generation_seconds": round(seconds, 1),
+                     "completions_per_minute": round(len(samples) / seconds * 60, 2) if seconds else None}
+
+
+def run_rounds(cfg, train_frame: pd.DataFrame, rounds: int, dpo_settings: dict, tmp: str, tuned) -> list[dict]:
+    from autoprune_ray.llm.dpo import train_round
+    from autoprune_ray.llm.dpo_config import DPOConfig
+    from autoprune_ray.tasks import get_task
+    history, adapter = [], None
+    for r in range(1, rounds + 1):
+        dpo = DPOConfig(**dpo_settings, seed=r, system_prompt=get_task(cfg.task).prompts.system)
+        metrics = train_round(cfg.policy.model, train_frame[["prompt", "chosen", "rejected"]].to_dict("records"),
+                              f"{tmp}/v{r}", dpo, adapter)
+        adapter = f"{tmp}/v{r}"
+        tuned.load_adapter(adapter, f"v{r}")
+        history.append({"round": r, "trained_on": len(train_frame), "kinds": train_frame.kind.value_counts().to_dict(),
+                        "train": metrics["train"], "held_out_before": metrics["held_out_before"],
+                        "held_out": metrics["held_out"]})
+        click.echo(json.dumps(history[-1]))
+    return history
 
 
 @click.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--rounds", default=2, show_default=True, help="DPO rounds before the A/B")
-@click.option("--prompts", "count", default=12, show_default=True, help="training prompts, and as many A/B prompts")
-@click.option("--n", default=4, show_default=True, help="completions per prompt")
-@click.option("--seeds", default="0,1", show_default=True, help="A/B sampling seeds")
-@click.option("--eval-tokens", default=1024, show_default=True, help="held-out tokens per child perplexity")
+@click.option("--train-prompts", default=24, show_default=True, help="prompts whose completions are paired")
+@click.option("--train-n", default=4, show_default=True, help="completions per training prompt")
+@click.option("--ab-prompts", default=64, show_default=True, help="held-out prompts of the A/B")
+@click.option("--n", default=2, show_default=True, help="A/B completions per prompt and seed")
+@click.option("--seeds", default="0,1", show_default=True, help="A/B sampling seeds (the same in both arms)")
+@click.option("--stage", type=click.Choice(["kl", "proxy"]), default="kl", show_default=True,
+              help="what scores a child: KL to the dense model on fitness.tokens validation tokens (the "
+                   "search's ranking measure), or the forward-free screening proxy (cheaper, ranks worse)")
+@click.option("--rounds", default=1, show_default=True)
+@click.option("--margin", default=0.01, show_default=True, help="least fitness gap of a fitness pair")
+@click.option("--chosen-percentile", default=0.0, show_default=True)
 @click.option("--beta", default=0.1, show_default=True)
 @click.option("--lr", default=1e-4, show_default=True)
 @click.option("--epochs", default=2, show_default=True)
-@click.option("--max-pairs", default=32, show_default=True,
-              help="pairs per round: all new ones first, the rest drawn from earlier ones (CPU cost)")
-@click.option("--max-length", default=256, show_default=True, help="tokens of prompt + completion in training")
-@click.option("--out", type=click.Path(dir_okay=False), default=str(RESULTS / "dpo-cpu.json"), show_default=True)
-def main(run_dir, rounds, count, n, seeds, eval_tokens, beta, lr, epochs, max_pairs, max_length, out):
-    import dataclasses
-
+@click.option("--max-pairs", default=64, show_default=True, help="pairs trained per round (CPU cost)")
+@click.option("--max-length", default=384, show_default=True, help="tokens of prompt + completion in training")
+@click.option("--out", type=click.Path(dir_okay=False), default=str(RESULTS / "dpo-ab-cpu.json"), show_default=True)
+def main(run_dir, train_prompts, train_n, ab_prompts, n, seeds, stage, rounds, margin, chosen_percentile, beta, lr,
+         epochs, max_pairs, max_length, out):
     from autoprune_ray.engine.config import RunConfig, from_dict
     from autoprune_ray.engine.storage import RunStore
-    from autoprune_ray.llm.backends import TransformersBackend
-    from autoprune_ray.llm.dpo import DPOConfig, train_round
-    from autoprune_ray.llm.preferences import PreferenceLog, replay
+    from autoprune_ray.llm.backends import make_backend
+    from autoprune_ray.tasks import get_task
 
     t0 = time.perf_counter()
     store = RunStore(run_dir)
     cfg = from_dict(RunConfig, store.read_config())
-    cfg = dataclasses.replace(cfg, target=dataclasses.replace(cfg.target, eval_tokens=eval_tokens))
-    cands, evals, prompts = store.read("candidates"), store.read("evaluations"), store.read("prompts")
-    train_prompts, ab_prompts = split_prompts(prompts, count, seed=0)
-    pol = cfg.policy
-    judge = Judge(cfg, set(cands.hash.dropna()) - {""})
-    # every pair of the run, however far apart its completions (the engine pairs within a window)
-    log = PreferenceLog(margin=0.01, groupings=("prompt", "parents"), window=10 ** 9)
-    pairs = replay(log, cands, evals, prompts)
-    history = [{"round": 0, "source": "run tables", "pairs": len(pairs)}]
-    base = TransformersBackend(pol.model, device="cpu")
-    tuned = TransformersBackend(pol.model, device="cpu")
-    next_id, adapter = [10 ** 7], None
+    cands, prompts = store.read("candidates"), store.read("prompts")
+    parents = parents_of(cands)
+    train, ab = split_prompts(prompts, set(parents), train_prompts, ab_prompts, seed=0)
+    judge, task, pol = Judge(cfg, stage), get_task(cfg.task), cfg.policy
+    settings = {"temperature": pol.temperature, "max_new_tokens": pol.max_new_tokens}
+    backends = [make_backend("transformers", system_prompt=task.prompts.system, model=pol.model, device="cpu",
+                             grammar=task.grammar() if pol.grammar else None) for _ in range(2)]
+    fresh = training_pairs(backends[0], judge, train, train_n, {**settings, "seed": 100}, margin, chosen_percentile)
+    logged = store.read("preferences")
+    logged = logged[~logged.prompt_id.isin(set(ab.prompt_id))]
+    frame = pd.concat([pd.DataFrame(fresh), logged], ignore_index=True).sample(frac=1.0, random_state=0)
+    frame = frame.head(max_pairs)
+    click.echo(f"{len(fresh)} fresh pairs, {len(logged)} logged; training on {len(frame)}")
+    seed_list = [int(s) for s in seeds.split(",")]
+    dpo_settings = {"beta": beta, "lr": lr, "epochs": epochs, "max_length": max_length}
     with tempfile.TemporaryDirectory() as tmp:
-        for r in range(1, rounds + 1):
-            policy = tuned if adapter else base
-            new = collect_pairs(policy, judge, train_prompts, n, pol.temperature, pol.max_new_tokens, 100 + r, log,
-                                next_id)
-            frame = training_pairs(pd.DataFrame(pairs), pd.DataFrame(new), max_pairs, seed=r)
-            pairs += new
-            metrics = train_round(pol.model, frame[["prompt", "chosen", "rejected"]].to_dict("records"),
-                                  f"{tmp}/v{r}", DPOConfig(beta=beta, lr=lr, epochs=epochs, max_length=max_length,
-                                                           seed=r), adapter)
-            adapter = f"{tmp}/v{r}"
-            tuned.load_adapter(adapter, f"v{r}")
-            history.append({"round": r, "new_pairs": len(new), "pairs": len(pairs), "trained_on": len(frame),
-                            "kinds": frame.kind.value_counts().to_dict(), "train": metrics["train"],
-                            "held_out_before": metrics["held_out_before"], "held_out": metrics["held_out"]})
-            click.echo(json.dumps(history[-1]))
-        seed_list = [int(s) for s in seeds.split(",")]
-        arms = {name: ab_arm(backend, judge, list(ab_prompts.prompt), n, pol.temperature, pol.max_new_tokens,
-                             seed_list) for name, backend in (("base", base), (f"dpo-v{rounds}", tuned))}
-    result = {"benchmark": "DPO A/B on the default CPU setup (SmolLM2-135M-Instruct policy and target)",
-              "run_dir": run_dir, "rounds": history, "ab_prompts": len(ab_prompts), "completions_per_prompt": n,
-              "seeds": seed_list, "temperature": pol.temperature, "max_new_tokens": pol.max_new_tokens,
-              "eval_tokens": eval_tokens, "dpo": {"beta": beta, "lr": lr, "epochs": epochs, "reference": "base",
-                                                  "max_pairs": max_pairs, "max_length": max_length},
-              "arms": arms, "seconds": time.perf_counter() - t0,
-              "machine": "2-core CPU"}
+        history = run_rounds(cfg, frame, rounds, dpo_settings, tmp, backends[1])
+        arms, generation = {}, {}
+        for name, backend in (("base", backends[0]), (f"dpo-v{rounds}", backends[1])):
+            samples, generation[name] = ab_samples(backend, judge, ab, parents, n, seed_list, settings)
+            arms[name] = per_prompt(samples)
+    result = {"benchmark": "DPO A/B, children scored as the search scores them", "command": "python " + " ".join(sys.argv),
+              "run_dir": run_dir, "task": cfg.task, "stage": stage, "grammar": pol.grammar,
+              "pairs": {"fresh": len(fresh), "logged": len(logged), "trained_on": len(frame),
+                        "kinds": frame.kind.value_counts().to_dict()},
+              "rounds": history, "ab_prompts": len(ab), "samples_per_arm": len(ab) * n * len(seed_list),
+              "seeds": seed_list, **settings, "dpo": {**dpo_settings, "reference": "base", "max_pairs": max_pairs,
+                                                      "chosen_percentile": chosen_percentile, "margin": margin},
+              "statistics": bootstrap(arms), "generation": generation, "programs_scored": len(judge.values),
+              "seconds": round(time.perf_counter() - t0), "machine": "2-core CPU"}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=2) + "\n")
-    click.echo(json.dumps({k: {m: v[m] for m in ("samples", "valid_rate", "duplicate_rate", "mean_child_perplexity",
-                                                 "best_child_perplexity")} for k, v in arms.items()}, indent=1))
+    click.echo(json.dumps(result["statistics"], indent=1))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,79 @@
+"""The statistics of the policy's benchmarks (benchmarks/dpo.py's A/B, benchmarks/llm_onoff.py),
+against hand-computed values."""
+import importlib.util
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+
+def benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ab, onoff = benchmark("dpo"), benchmark("llm_onoff")
+
+
+def sample(prompt, valid, distinct=False, value=None, beats=None):
+    return {"prompt": prompt, "valid": valid, "distinct": distinct, "value": value, "beats": beats}
+
+
+ARM = [sample(1, True, True, math.e, True), sample(1, False),
+       sample(2, True, False, math.e ** 3, False), sample(2, True, True, None, False)]
+
+
+def test_arm_statistics_are_the_hand_computed_shares():
+    stats = ab.arm_statistics(ab.per_prompt(ARM))
+    # 3 of 4 valid; 2 of 4 new in the arm; log-values 1 and 3 of the 2 scored; 1 of 3 valid beats
+    assert stats["valid_rate"] == pytest.approx(0.75)
+    assert stats["distinct_rate"] == pytest.approx(0.5)
+    assert stats["mean_log_stage"] == pytest.approx(2.0)
+    assert stats["beats_parent"] == pytest.approx(1 / 3)
+
+
+def test_an_arm_with_nothing_valid_has_undefined_means_not_zero():
+    stats = ab.arm_statistics(ab.per_prompt([sample(1, False), sample(2, False)]))
+    assert stats["valid_rate"] == 0.0
+    assert math.isnan(stats["mean_log_stage"]) and math.isnan(stats["beats_parent"])
+
+
+def test_identical_arms_differ_by_exactly_zero_in_every_resample():
+    arms = {"base": ab.per_prompt(ARM), "dpo-v1": ab.per_prompt(ARM)}
+    out = ab.bootstrap(arms, resamples=200)
+    for key in ab.STATISTICS:
+        assert out["dpo-v1 - base"][key] == {"value": 0.0, "low": 0.0, "high": 0.0}
+
+
+def test_interval_brackets_the_estimate_and_resamples_whole_prompts():
+    # base: prompt p has valid share p/10; the tuned arm writes one more valid program per prompt
+    base = [sample(p, k < p) for p in range(1, 9) for k in range(10)]
+    tuned = [sample(p, k <= p) for p in range(1, 9) for k in range(10)]
+    out = ab.bootstrap({"base": ab.per_prompt(base), "tuned": ab.per_prompt(tuned)}, resamples=500)
+    rate = out["base"]["valid_rate"]
+    assert rate["value"] == pytest.approx(36 / 80)
+    assert rate["low"] < rate["value"] < rate["high"]
+    # paired: every resample draws the same prompts in both arms, so the difference is exactly 0.1
+    diff = out["tuned - base"]["valid_rate"]
+    assert diff["low"] == pytest.approx(0.1) and diff["high"] == pytest.approx(0.1)
+
+
+def test_best_so_far_follows_finishing_order_and_skips_unmeasured():
+    # finished out of id order; a screened (NaN) and a failed (inf) evaluation count but never lead
+    evals = pd.DataFrame({"finished": [3.0, 1.0, 2.0, 4.0, 5.0, 6.0],
+                          "fitness": [-1.0, -3.0, float("nan"), -2.0, float("inf"), -0.5]})
+    assert onoff.best_so_far(evals, budget=6, points=3) == {2: -3.0, 4: -1.0, 6: -0.5}
+    assert onoff.best_so_far(evals, budget=12, points=2) == {6: -0.5, 12: None}   # the run stopped at 6
+
+
+def test_promoted_is_the_best_mean_over_calibration_seeds():
+    promotions = pd.DataFrame({"candidate_id": [7, 7, 9, 9, 11], "seed": [0, 1, 0, 1, 0],
+                               "status": ["ok", "ok", "ok", "ok", "failed"],
+                               "perplexity": [100.0, 120.0, 90.0, 140.0, None],
+                               "fitness": [-4.6, -4.8, -4.5, -4.95, None], "levels": ["a", "b", "c", "d", None]})
+    # means: 7 -> -4.70, 9 -> -4.725: 7 wins although 9 is better under seed 0
+    assert onoff.promoted(promotions) == {"candidate_id": 7, "perplexity": {0: 100.0, 1: 120.0},
+                                          "levels": {0: "a", 1: "b"}}
