@@ -98,7 +98,8 @@ class ActorPool:
         self.policy = ray.remote(PolicyWorker).options(
             name=f"{name}:policy", num_cpus=0, num_gpus=pol.num_gpus, max_restarts=pol.max_restarts,
             max_task_retries=0, runtime_env=QUIET_ACTORS).remote(
-                pol, get_task(cfg.task).prompts.system, cfg.task if pol.grammar else None)
+                pol, get_task(cfg.task).prompts.system, cfg.task if pol.grammar else None,
+                cfg.target.uncollected_inputs)
         s = cfg.search
         self.population = ray.remote(Population).options(name=f"{name}:population", num_cpus=0).remote(
             s.islands, s.population_size, s.elites, s.migration_interval, s.seed)

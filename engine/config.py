@@ -33,6 +33,11 @@ class TargetConfig(Protocol):
     device: str | None = None
     gradients: bool = False          # collect gradient RMS (G) for programs that read it: one backward per window
 
+    @property
+    def uncollected_inputs(self) -> frozenset[str]:
+        """Program inputs the evaluators have no statistics for: a program reading one is refused,
+        and the policy's grammar leaves it out."""
+        return frozenset() if self.gradients else frozenset({"G"})
 
     @property
     def levels(self) -> list[float]:

@@ -17,15 +17,16 @@ def backend_options(cfg: PolicyConfig) -> dict:
 
 class PolicyWorker:
     """`system_prompt`: the run's task plug-in's (what kind of program the policy writes);
-    `grammar_task`: the task whose grammar completions are constrained to (None: unconstrained).
-    The grammar is built here, not passed: at 100-250 KB it would travel through the object
+    `grammar_task`: the task whose grammar completions are constrained to (None: unconstrained),
+    leaving out the inputs `grammar_without` (those the run collects no statistics for). The grammar is built here, not passed: at 100-250 KB it would travel through the object
     store, and Ray cannot restart an actor whose constructor arguments were released there."""
 
-    def __init__(self, cfg: PolicyConfig, system_prompt: str | None = None, grammar_task: str | None = None):
+    def __init__(self, cfg: PolicyConfig, system_prompt: str | None = None, grammar_task: str | None = None,
+                 grammar_without: frozenset[str] = frozenset()):
         from autoprune_ray.llm.backends import make_backend
         from autoprune_ray.tasks import get_task
         self.cfg = cfg
-        grammar = get_task(grammar_task).grammar() if grammar_task else None
+        grammar = get_task(grammar_task).grammar(frozenset(grammar_without)) if grammar_task else None
         self.backend = make_backend(cfg.backend, system_prompt=system_prompt, grammar=grammar, **backend_options(cfg))
 
     def generate(self, prompts: list[str], seed: int | None = None,

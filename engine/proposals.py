@@ -71,9 +71,7 @@ class Proposals:
     def unavailable_inputs(self, cand: Candidate) -> set[str]:
         """Inputs the program reads that the evaluators do not collect (G without gradients);
         a task whose language has no G never reads it."""
-        if self.cfg.target.gradients:
-            return set()
-        return {"G"} & inputs_of(cand.tree)
+        return self.cfg.target.uncollected_inputs & inputs_of(cand.tree)
 
     # ------------------------------------------------------------------ scheduling
     def seed_population(self) -> None:

@@ -29,7 +29,7 @@ have.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import combinations, permutations
 from typing import Mapping, Sequence
 
@@ -346,9 +346,12 @@ class Grammar:
     longest: int        # the most characters a completion can have: a bound on its tokens too
 
 
-def build(task_parts: Sequence[str], spec_by_part: Mapping[str, LanguageSpec] = SPECS) -> Grammar | None:
+def build(task_parts: Sequence[str], spec_by_part: Mapping[str, LanguageSpec] = SPECS,
+          without: frozenset[str] = frozenset()) -> Grammar | None:
     """The grammar of a program whose functions are `task_parts` (language spec names, in file
-    order), or None when a part's result shape has no grammar."""
+    order) and that reads none of the inputs `without`, or None when a part's result shape has
+    no grammar."""
+    spec_by_part = {part: _without(spec_by_part[part], without) for part in task_parts}
     musts = [_must_inputs(spec_by_part[part]) for part in task_parts]
     if any(m is None for m in musts):
         return None
@@ -365,7 +368,15 @@ def build(task_parts: Sequence[str], spec_by_part: Mapping[str, LanguageSpec] = 
     return Grammar("\n".join(rules.lines) + "\n", root.most)
 
 
-def grammar_for(task_parts: Sequence[str], spec_by_part: Mapping[str, LanguageSpec] = SPECS) -> str | None:
+def grammar_for(task_parts: Sequence[str], spec_by_part: Mapping[str, LanguageSpec] = SPECS,
+                without: frozenset[str] = frozenset()) -> str | None:
     """The EBNF text (None where a part has no grammar)."""
-    built = build(task_parts, spec_by_part)
+    built = build(task_parts, spec_by_part, without)
     return built.ebnf if built else None
+
+
+def _without(spec: LanguageSpec, names: frozenset[str]) -> LanguageSpec:
+    if not names & spec.inputs.keys():
+        return spec
+    return replace(spec, inputs={k: v for k, v in spec.inputs.items() if k not in names},
+                   aliases={k: v for k, v in spec.aliases.items() if v not in names})

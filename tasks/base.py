@@ -31,10 +31,11 @@ class TaskPlugin:
         """The expert programs a search starts from (search.seeds: true)."""
         return {}
 
-    def grammar(self) -> str | None:
+    def grammar(self, without: frozenset[str] = frozenset()) -> str | None:
         """The EBNF grammar (xgrammar's dialect) of this task's programs that a policy's completions
-        are constrained to, or None where its language has none."""
-        return grammar_for(TASK_PARTS[self.name])
+        are constrained to, or None where its language has none; `without`: inputs no program may
+        read (those a run collects no statistics for)."""
+        return grammar_for(TASK_PARTS[self.name], without=without)
 
     def validate(self, cfg) -> None:
         """Task-specific checks of a RunConfig; raise ValueError("key: message")."""

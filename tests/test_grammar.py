@@ -105,6 +105,17 @@ def test_the_grammar_follows_the_specs():
     assert not accepts(ebnf, fenced("def score(W, A):\n    return W * A\n"))
 
 
+def test_a_run_without_gradients_gets_a_grammar_that_never_reads_G():
+    cfg = RunConfig()
+    assert not cfg.target.gradients and cfg.target.uncollected_inputs == {"G"}
+    ebnf = TASKS["prune"].grammar(cfg.target.uncollected_inputs)
+    assert accepts(ebnf, fenced("def score(W, A):\n    return W.abs() * A\n"))
+    for reads_g in ("def score(W, G):\n    return W.abs() * G\n", "def score(W, G):\n    return W * G\n"):
+        assert accepts(TASKS["prune"].grammar(), fenced(reads_g))
+        assert not accepts(ebnf, fenced(reads_g))
+    assert RunConfig(target=dataclasses.replace(cfg.target, gradients=True)).target.uncollected_inputs == set()
+
+
 @pytest.mark.parametrize("task", GRAMMAR_TASKS)
 def test_every_seed_is_in_the_grammar(task, grammars):
     for name, cand in TASKS[task].seeds().items():
