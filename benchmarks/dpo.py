@@ -22,6 +22,10 @@
    children that beat their best parent by that measure (parents are scored again here, not read
    from the run). Each with a bootstrap 95% interval over prompts, and the paired difference of the arms.
 
+Every finished step is kept in `--work` (default runs/dpo-ab/<run name>): the scored programs,
+the training pairs, each round's adapter and each (arm, seed) of the A/B. Run the same command
+again after an interruption and it goes on from there; delete the directory to start over.
+
 Writes benchmarks/results/dpo-ab-cpu.json (or --out). (dpo-cpu.json is the result of this
 benchmark's first version, before the grammar: validity pairs, child perplexity, 64 samples per arm.)
 """
@@ -31,7 +35,6 @@ import json
 import math
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -98,14 +101,56 @@ def _interval(values: list[float]) -> dict:
 
 # ---------------------------------------------------------------- measuring programs
 
-class Judge:
-    """Parses completions and scores each distinct valid program once (--stage)."""
+class Checkpoint:
+    """One JSON file per finished step under a work directory, so that a long benchmark resumes."""
 
-    def __init__(self, cfg, stage: str):
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.timings = self.load("timings") or {}   # seconds each step took when it was computed
+
+    def load(self, name: str):
+        path = self.root / f"{name}.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def save(self, name: str, value) -> None:
+        tmp = self.root / f"{name}.json.tmp"
+        tmp.write_text(json.dumps(value))
+        tmp.replace(self.root / f"{name}.json")   # whole or absent, even when killed mid-write
+
+    def step(self, name: str, compute):
+        """The saved result of step `name`, or compute() saved under that name."""
+        value = self.load(name)
+        if value is None:
+            start = time.perf_counter()
+            value = compute()
+            self.save(name, value)
+            self.timings[name] = round(time.perf_counter() - start, 1)
+            self.save("timings", self.timings)
+        return value
+
+
+def resume(root: Path, arguments: dict) -> Checkpoint:
+    """The work directory's checkpoint; a directory left by other arguments is refused, not mixed in."""
+    checkpoint = Checkpoint(root)
+    saved = checkpoint.load("arguments")
+    if saved is not None and saved != arguments:
+        changed = sorted(k for k in arguments.keys() | saved.keys() if saved.get(k) != arguments.get(k))
+        raise click.UsageError(f"{root} holds steps made with other arguments ({', '.join(changed)}); "
+                               "delete it or pass another --work")
+    checkpoint.save("arguments", arguments)
+    return checkpoint
+
+
+class Judge:
+    """Parses completions and scores each distinct valid program once (--stage); the scores are
+    kept in the checkpoint, so a resumed benchmark measures no program twice."""
+
+    def __init__(self, cfg, stage: str, checkpoint: Checkpoint | None = None):
         from autoprune_ray.engine.evaluator import EvaluatorWorker
-        self.cfg, self.stage = cfg, stage
+        self.cfg, self.stage, self.checkpoint = cfg, stage, checkpoint
         self.worker = EvaluatorWorker(cfg)
-        self.values: dict[str, float | None] = {}
+        self.values: dict[str, float | None] = (checkpoint and checkpoint.load(f"scores-{stage}")) or {}
 
     def parse(self, text: str):
         from autoprune_ray.operators.language import CandidateError, parse
@@ -126,6 +171,8 @@ class Judge:
                                         "granularity": cand.granularity, "proxy_cutoff": cutoff})
             value = out.get(self.stage) if out["status"] in ("ok", "screened") else None
             self.values[cand.hash] = value if value is not None and math.isfinite(value) and value > 0 else None
+            if self.checkpoint:
+                self.checkpoint.save(f"scores-{self.stage}", self.values)
         return self.values[cand.hash]
 
 
@@ -171,41 +218,56 @@ def training_pairs(backend, judge: Judge, prompts: pd.DataFrame, n: int, setting
 
 
 def ab_samples(backend, judge: Judge, prompts: pd.DataFrame, parents: dict[int, list[str]], n: int,
-               seeds: list[int], settings: dict) -> tuple[list[dict], dict]:
+               seeds: list[int], settings: dict, checkpoint: Checkpoint, arm: str) -> tuple[list[dict], dict]:
+    """One arm's samples over every seed; each seed's samples are a checkpoint step."""
     samples, seen, tokens, seconds = [], set(), 0, 0.0
     for seed in seeds:
-        start = time.perf_counter()
-        completions = backend.generate(list(prompts.prompt), n=n, seed=seed, **settings)
-        seconds += time.perf_counter() - start
-        for comp in completions:
-            prompt_id = int(prompts.iloc[comp.prompt_index].prompt_id)
-            tokens += comp.tokens
-            cand = judge.parse(comp.text)
-            sample = {"prompt": prompt_id, "valid": cand is not None, "distinct": False, "value": None, "beats": None}
-            if cand is not None:
-                sample.update(distinct=cand.hash not in seen, value=judge.value(cand))
-                seen.add(cand.hash)
-                best_parent = min((v for v in map(judge.parent_value, parents[prompt_id]) if v), default=None)
-                sample["beats"] = bool(sample["value"] and best_parent and sample["value"] < best_parent)
-            samples.append(sample)
+        step = checkpoint.step(f"ab-{arm}-s{seed}",
+                               lambda seed=seed: seed_samples(backend, judge, prompts, parents, n, seed, settings))
+        for sample in step["samples"]:
+            # distinct: not written earlier in the arm, over seeds in order
+            code_hash = sample.pop("hash")
+            samples.append({**sample, "distinct": code_hash is not None and code_hash not in seen})
+            seen.add(code_hash)
+        tokens, seconds = tokens + step["tokens"], seconds + step["seconds"]
     return samples, {"tokens": tokens, "generation_seconds": round(seconds, 1),
                      "completions_per_minute": round(len(samples) / seconds * 60, 2) if seconds else None}
 
 
-def run_rounds(cfg, train_frame: pd.DataFrame, rounds: int, dpo_settings: dict, tmp: str, tuned) -> list[dict]:
+def seed_samples(backend, judge: Judge, prompts: pd.DataFrame, parents: dict[int, list[str]], n: int, seed: int,
+                 settings: dict) -> dict:
+    start = time.perf_counter()
+    completions = backend.generate(list(prompts.prompt), n=n, seed=seed, **settings)
+    seconds, samples = time.perf_counter() - start, []
+    for comp in completions:
+        prompt_id = int(prompts.iloc[comp.prompt_index].prompt_id)
+        cand = judge.parse(comp.text)
+        sample = {"prompt": prompt_id, "valid": cand is not None, "hash": None, "value": None, "beats": None}
+        if cand is not None:
+            sample.update(hash=cand.hash, value=judge.value(cand))
+            best_parent = min((v for v in map(judge.parent_value, parents[prompt_id]) if v), default=None)
+            sample["beats"] = bool(sample["value"] and best_parent and sample["value"] < best_parent)
+        samples.append(sample)
+    return {"samples": samples, "tokens": sum(c.tokens for c in completions), "seconds": seconds}
+
+
+def run_rounds(cfg, train_frame: pd.DataFrame, rounds: int, dpo_settings: dict, checkpoint: Checkpoint,
+               tuned) -> list[dict]:
     from autoprune_ray.llm.dpo import train_round
     from autoprune_ray.llm.dpo_config import DPOConfig
     from autoprune_ray.tasks import get_task
     history, adapter = [], None
     for r in range(1, rounds + 1):
-        dpo = DPOConfig(**dpo_settings, seed=r, system_prompt=get_task(cfg.task).prompts.system)
-        metrics = train_round(cfg.policy.model, train_frame[["prompt", "chosen", "rejected"]].to_dict("records"),
-                              f"{tmp}/v{r}", dpo, adapter)
-        adapter = f"{tmp}/v{r}"
+        def train(r=r, previous=adapter):
+            dpo = DPOConfig(**dpo_settings, seed=r, system_prompt=get_task(cfg.task).prompts.system)
+            metrics = train_round(cfg.policy.model, train_frame[["prompt", "chosen", "rejected"]].to_dict("records"),
+                                  str(checkpoint.root / f"v{r}"), dpo, previous)
+            return {"round": r, "trained_on": len(train_frame), "kinds": train_frame.kind.value_counts().to_dict(),
+                    "train": metrics["train"], "held_out_before": metrics["held_out_before"],
+                    "held_out": metrics["held_out"]}
+        history.append(checkpoint.step(f"round-{r}", train))
+        adapter = str(checkpoint.root / f"v{r}")
         tuned.load_adapter(adapter, f"v{r}")
-        history.append({"round": r, "trained_on": len(train_frame), "kinds": train_frame.kind.value_counts().to_dict(),
-                        "train": metrics["train"], "held_out_before": metrics["held_out_before"],
-                        "held_out": metrics["held_out"]})
         click.echo(json.dumps(history[-1]))
     return history
 
@@ -228,25 +290,30 @@ def run_rounds(cfg, train_frame: pd.DataFrame, rounds: int, dpo_settings: dict, 
 @click.option("--epochs", default=2, show_default=True)
 @click.option("--max-pairs", default=64, show_default=True, help="pairs trained per round (CPU cost)")
 @click.option("--max-length", default=384, show_default=True, help="tokens of prompt + completion in training")
+@click.option("--work", type=click.Path(file_okay=False), default=None,
+              help="where finished steps are kept for resuming  [default: runs/dpo-ab/<run name>]")
 @click.option("--out", type=click.Path(dir_okay=False), default=str(RESULTS / "dpo-ab-cpu.json"), show_default=True)
 def main(run_dir, train_prompts, train_n, ab_prompts, n, seeds, stage, rounds, margin, chosen_percentile, beta, lr,
-         epochs, max_pairs, max_length, out):
+         epochs, max_pairs, max_length, work, out):
     from autoprune_ray.engine.config import RunConfig, from_dict
     from autoprune_ray.engine.storage import RunStore
     from autoprune_ray.llm.backends import make_backend
     from autoprune_ray.tasks import get_task
 
     t0 = time.perf_counter()
+    arguments = {k: v for k, v in locals().items() if k not in ("out", "work", "t0") and not callable(v)}
+    checkpoint = resume(Path(work or Path("runs/dpo-ab") / Path(run_dir).name), arguments)
     store = RunStore(run_dir)
     cfg = from_dict(RunConfig, store.read_config())
     cands, prompts = store.read("candidates"), store.read("prompts")
     parents = parents_of(cands)
     train, ab = split_prompts(prompts, set(parents), train_prompts, ab_prompts, seed=0)
-    judge, task, pol = Judge(cfg, stage), get_task(cfg.task), cfg.policy
+    judge, task, pol = Judge(cfg, stage, checkpoint), get_task(cfg.task), cfg.policy
     settings = {"temperature": pol.temperature, "max_new_tokens": pol.max_new_tokens}
     backends = [make_backend("transformers", system_prompt=task.prompts.system, model=pol.model, device="cpu",
-                             grammar=task.grammar() if pol.grammar else None) for _ in range(2)]
-    fresh = training_pairs(backends[0], judge, train, train_n, {**settings, "seed": 100}, margin, chosen_percentile)
+                             grammar=task.grammar(cfg.target.uncollected_inputs) if pol.grammar else None) for _ in range(2)]
+    fresh = checkpoint.step("pairs", lambda: training_pairs(backends[0], judge, train, train_n,
+                                                            {**settings, "seed": 100}, margin, chosen_percentile))
     logged = store.read("preferences")
     logged = logged[~logged.prompt_id.isin(set(ab.prompt_id))]
     frame = pd.concat([pd.DataFrame(fresh), logged], ignore_index=True).sample(frac=1.0, random_state=0)
@@ -254,12 +321,11 @@ def main(run_dir, train_prompts, train_n, ab_prompts, n, seeds, stage, rounds, m
     click.echo(f"{len(fresh)} fresh pairs, {len(logged)} logged; training on {len(frame)}")
     seed_list = [int(s) for s in seeds.split(",")]
     dpo_settings = {"beta": beta, "lr": lr, "epochs": epochs, "max_length": max_length}
-    with tempfile.TemporaryDirectory() as tmp:
-        history = run_rounds(cfg, frame, rounds, dpo_settings, tmp, backends[1])
-        arms, generation = {}, {}
-        for name, backend in (("base", backends[0]), (f"dpo-v{rounds}", backends[1])):
-            samples, generation[name] = ab_samples(backend, judge, ab, parents, n, seed_list, settings)
-            arms[name] = per_prompt(samples)
+    history = run_rounds(cfg, frame, rounds, dpo_settings, checkpoint, backends[1])
+    arms, generation = {}, {}
+    for name, backend in (("base", backends[0]), (f"dpo-v{rounds}", backends[1])):
+        samples, generation[name] = ab_samples(backend, judge, ab, parents, n, seed_list, settings, checkpoint, name)
+        arms[name] = per_prompt(samples)
     result = {"benchmark": "DPO A/B, children scored as the search scores them", "command": "python " + " ".join(sys.argv),
               "run_dir": run_dir, "task": cfg.task, "stage": stage, "grammar": pol.grammar,
               "pairs": {"fresh": len(fresh), "logged": len(logged), "trained_on": len(frame),
@@ -268,7 +334,8 @@ def main(run_dir, train_prompts, train_n, ab_prompts, n, seeds, stage, rounds, m
               "seeds": seed_list, **settings, "dpo": {**dpo_settings, "reference": "base", "max_pairs": max_pairs,
                                                       "chosen_percentile": chosen_percentile, "margin": margin},
               "statistics": bootstrap(arms), "generation": generation, "programs_scored": len(judge.values),
-              "seconds": round(time.perf_counter() - t0), "machine": "2-core CPU"}
+              "seconds": round(time.perf_counter() - t0), "seconds_by_step": checkpoint.timings,
+              "work": str(checkpoint.root), "machine": "2-core CPU"}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=2) + "\n")
     click.echo(json.dumps(result["statistics"], indent=1))

@@ -77,3 +77,41 @@ def test_promoted_is_the_best_mean_over_calibration_seeds():
     # means: 7 -> -4.70, 9 -> -4.725: 7 wins although 9 is better under seed 0
     assert onoff.promoted(promotions) == {"candidate_id": 7, "perplexity": {0: 100.0, 1: 120.0},
                                           "levels": {0: "a", 1: "b"}}
+
+
+class LengthJudge:
+    """Parses any completion but "bad"; a program's value is its length, a parent's is 3."""
+
+    def parse(self, text):
+        return None if text == "bad" else type("Cand", (), {"hash": text})()
+
+    def value(self, cand):
+        return float(len(cand.hash))
+
+    def parent_value(self, code):
+        return 3.0
+
+
+def test_ab_samples_resume_from_the_checkpoint_and_count_distinct_across_seeds(tmp_path):
+    from autoprune_ray.llm.backends import ScriptedBackend
+    prompts = pd.DataFrame({"prompt_id": [5], "prompt": ["p"]})
+    backend = ScriptedBackend(["ab", "bad", "abcd", "ab"])   # seed 0: ab, bad; seed 1: abcd, ab
+    first = ab.ab_samples(backend, LengthJudge(), prompts, {5: ["x"]}, 2, [0, 1], {}, ab.Checkpoint(tmp_path), "base")
+    assert [(s["valid"], s["distinct"], s["value"], s["beats"]) for s in first[0]] == [
+        (True, True, 2.0, True), (False, False, None, None), (True, True, 4.0, False), (True, False, 2.0, True)]
+
+    class Refuses(ScriptedBackend):
+        def generate(self, *args, **kwargs):
+            raise AssertionError("a finished step was generated again")
+    again = ab.ab_samples(Refuses(["x"]), LengthJudge(), prompts, {5: ["x"]}, 2, [0, 1], {},
+                          ab.Checkpoint(tmp_path), "base")
+    assert again[0] == first[0]
+
+
+def test_a_work_directory_left_by_other_arguments_is_refused(tmp_path):
+    import click
+    checkpoint = ab.resume(tmp_path, {"n": 2, "seeds": "0,1"})
+    assert checkpoint.step("pairs", lambda: [1, 2]) == [1, 2]
+    assert ab.resume(tmp_path, {"n": 2, "seeds": "0,1"}).step("pairs", lambda: pytest.fail("recomputed")) == [1, 2]
+    with pytest.raises(click.UsageError, match="seeds"):
+        ab.resume(tmp_path, {"n": 2, "seeds": "0,2"})
