@@ -79,13 +79,30 @@ def cli():
 @click.option("--seeds", default="0,1,2", show_default=True)
 @click.option("--root", default="runs/onoff", show_default=True, help="run directories go under it")
 def run(config, seeds, root):
-    """Both arms for every seed, one search at a time."""
+    """Both arms for every seed, one search at a time. Run it again after an interruption: finished
+    searches are kept, a stopped one is resumed (six searches take longer than a session here)."""
     for seed in seeds.split(","):
         for arm, overrides in (("on", {}), ("off", OFF)):
-            sets = {"search.seed": seed, "search.max_seconds": "null", "run_dir": f"{root}/{arm}-s{seed}", **overrides}
+            run_dir = Path(root) / f"{arm}-s{seed}"
+            state = search_state(run_dir)
+            if state == "finished":
+                click.echo(f"{run_dir}: finished, kept")
+                continue
+            sets = {"search.seed": seed, "search.max_seconds": "null", "run_dir": str(run_dir), **overrides}
             command = ["autoprune-ray", "run", config] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+            command += ["--resume"] if state == "stopped" else []
             click.echo(" ".join(command))
             subprocess.run(command, check=True)
+
+
+def search_state(run_dir: Path) -> str:
+    """"new" (nothing there), "finished" (its last checkpoint has the reason it stopped, which only
+    the end of a search writes) or "stopped" (interrupted: resume it)."""
+    if not (run_dir / "config.yaml").exists():
+        return "new"
+    checkpoint = run_dir / "checkpoint.json"
+    summary = json.loads(checkpoint.read_text()).get("summary", {}) if checkpoint.exists() else {}
+    return "finished" if summary.get("stop_reason") else "stopped"
 
 
 @cli.command()

@@ -115,3 +115,16 @@ def test_a_work_directory_left_by_other_arguments_is_refused(tmp_path):
     assert ab.resume(tmp_path, {"n": 2, "seeds": "0,1"}).step("pairs", lambda: pytest.fail("recomputed")) == [1, 2]
     with pytest.raises(click.UsageError, match="seeds"):
         ab.resume(tmp_path, {"n": 2, "seeds": "0,2"})
+
+
+def test_onoff_keeps_finished_searches_and_resumes_stopped_ones(tmp_path):
+    import json
+    assert onoff.search_state(tmp_path / "on-s0") == "new"
+    stopped = tmp_path / "on-s1"
+    stopped.mkdir()
+    (stopped / "config.yaml").write_text("task: prune\n")
+    assert onoff.search_state(stopped) == "stopped"            # killed before its first checkpoint
+    (stopped / "checkpoint.json").write_text(json.dumps({"summary": {"evaluated": 40}, "next_id": 50}))
+    assert onoff.search_state(stopped) == "stopped"            # a periodic checkpoint
+    (stopped / "checkpoint.json").write_text(json.dumps({"summary": {"stop_reason": "reached 100 evaluations"}}))
+    assert onoff.search_state(stopped) == "finished"
