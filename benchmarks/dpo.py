@@ -24,7 +24,13 @@
 
 Every finished step is kept in `--work` (default runs/dpo-ab/<run name>): the scored programs,
 the training pairs, each round's adapter and each (arm, seed) of the A/B. Run the same command
-again after an interruption and it goes on from there; delete the directory to start over.
+again after an interruption and it goes on from there; delete the directory to start over. A
+variant of one setting reuses what does not depend on it, e.g. EvoTune's percentile filter:
+
+    python benchmarks/dpo.py runs/discover-s1 ... --chosen-percentile 0.5 \
+        --work runs/dpo-ab/discover-s1-p50 --share-from runs/dpo-ab/discover-s1 --out .../dpo-ab-p50-cpu.json
+
+trains and samples only the tuned arm; the scores, the fresh pairs and the base arm are shared.
 
 Writes benchmarks/results/dpo-ab-cpu.json (or --out). (dpo-cpu.json is the result of this
 benchmark's first version, before the grammar: validity pairs, child perplexity, 64 samples per arm.)
@@ -130,6 +136,33 @@ class Checkpoint:
         return value
 
 
+# steps another work directory's results serve, when its arguments agree on these
+SHAREABLE = {"scores-": ("run_dir", "stage"),
+             "pairs": ("run_dir", "train_prompts", "ab_prompts", "train_n", "stage", "margin"),
+             "ab-base-": ("run_dir", "train_prompts", "ab_prompts", "n", "stage")}
+
+
+def share(checkpoint: Checkpoint, source: Path, arguments: dict) -> list[str]:
+    """Copy into `checkpoint` the steps of `source` that do not depend on the arguments that
+    differ (e.g. a --chosen-percentile variant reuses the scores, the fresh pairs and the base
+    arm); returns the steps copied."""
+    theirs = Checkpoint(source).load("arguments")
+    if theirs is None:
+        raise click.UsageError(f"--share-from {source}: not a work directory of this benchmark")
+    copied = []
+    for path in sorted(Path(source).glob("*.json")):
+        keys = next((k for prefix, k in SHAREABLE.items() if path.stem.startswith(prefix)), None)
+        if not keys or any(theirs.get(k) != arguments.get(k) for k in keys):
+            continue
+        value, mine = json.loads(path.read_text()), checkpoint.load(path.stem)
+        if path.stem.startswith("scores-"):
+            checkpoint.save(path.stem, value | (mine or {}))   # a program scores the same in both
+        elif mine is None:
+            checkpoint.save(path.stem, value)
+        copied.append(path.stem)
+    return copied
+
+
 def resume(root: Path, arguments: dict) -> Checkpoint:
     """The work directory's checkpoint; a directory left by other arguments is refused, not mixed in."""
     checkpoint = Checkpoint(root)
@@ -199,10 +232,10 @@ def split_prompts(prompts: pd.DataFrame, with_parents: set[int], train: int, ab:
 
 # ---------------------------------------------------------------- the rounds and the A/B
 
-def training_pairs(backend, judge: Judge, prompts: pd.DataFrame, n: int, settings: dict, margin: float,
-                   chosen_percentile: float) -> list[dict]:
-    """The engine's pairing over n fresh completions per training prompt, scored by the judge."""
-    from autoprune_ray.llm.preferences import Completion, PreferenceLog, trains_on
+def training_pairs(backend, judge: Judge, prompts: pd.DataFrame, n: int, settings: dict, margin: float) -> list[dict]:
+    """The engine's pairing over n fresh completions per training prompt, scored by the judge
+    (every pair: --chosen-percentile is applied later, to these and the run's logged pairs alike)."""
+    from autoprune_ray.llm.preferences import Completion, PreferenceLog
     log, pairs = PreferenceLog(margin=margin, groupings=("prompt",), window=10 ** 9), []
     completions = backend.generate(list(prompts.prompt), n=n, **settings)
     for cid, comp in enumerate(completions):
@@ -214,7 +247,7 @@ def training_pairs(backend, judge: Judge, prompts: pd.DataFrame, n: int, setting
         if cand is not None:
             value = judge.value(cand)
             pairs += log.measured(cid, "ok" if value else "failed", -math.log(value) if value else None)
-    return [p for p in pairs if trains_on(p, chosen_percentile)]
+    return pairs
 
 
 def ab_samples(backend, judge: Judge, prompts: pd.DataFrame, parents: dict[int, list[str]], n: int,
@@ -292,17 +325,22 @@ def run_rounds(cfg, train_frame: pd.DataFrame, rounds: int, dpo_settings: dict, 
 @click.option("--max-length", default=384, show_default=True, help="tokens of prompt + completion in training")
 @click.option("--work", type=click.Path(file_okay=False), default=None,
               help="where finished steps are kept for resuming  [default: runs/dpo-ab/<run name>]")
+@click.option("--share-from", type=click.Path(exists=True, file_okay=False), default=None,
+              help="another work directory whose scores, fresh pairs and base arm serve here where their "
+                   "arguments agree (a variant of one setting costs only its own steps)")
 @click.option("--out", type=click.Path(dir_okay=False), default=str(RESULTS / "dpo-ab-cpu.json"), show_default=True)
 def main(run_dir, train_prompts, train_n, ab_prompts, n, seeds, stage, rounds, margin, chosen_percentile, beta, lr,
-         epochs, max_pairs, max_length, work, out):
+         epochs, max_pairs, max_length, work, share_from, out):
     from autoprune_ray.engine.config import RunConfig, from_dict
     from autoprune_ray.engine.storage import RunStore
     from autoprune_ray.llm.backends import make_backend
+    from autoprune_ray.llm.preferences import trains_on
     from autoprune_ray.tasks import get_task
 
     t0 = time.perf_counter()
-    arguments = {k: v for k, v in locals().items() if k not in ("out", "work", "t0") and not callable(v)}
+    arguments = {k: v for k, v in locals().items() if k not in ("out", "work", "share_from", "t0") and not callable(v)}
     checkpoint = resume(Path(work or Path("runs/dpo-ab") / Path(run_dir).name), arguments)
+    shared = share(checkpoint, Path(share_from), arguments) if share_from else []
     store = RunStore(run_dir)
     cfg = from_dict(RunConfig, store.read_config())
     cands, prompts = store.read("candidates"), store.read("prompts")
@@ -313,12 +351,14 @@ def main(run_dir, train_prompts, train_n, ab_prompts, n, seeds, stage, rounds, m
     backends = [make_backend("transformers", system_prompt=task.prompts.system, model=pol.model, device="cpu",
                              grammar=task.grammar(cfg.target.uncollected_inputs) if pol.grammar else None) for _ in range(2)]
     fresh = checkpoint.step("pairs", lambda: training_pairs(backends[0], judge, train, train_n,
-                                                            {**settings, "seed": 100}, margin, chosen_percentile))
+                                                            {**settings, "seed": 100}, margin))
     logged = store.read("preferences")
     logged = logged[~logged.prompt_id.isin(set(ab.prompt_id))]
-    frame = pd.concat([pd.DataFrame(fresh), logged], ignore_index=True).sample(frac=1.0, random_state=0)
-    frame = frame.head(max_pairs)
-    click.echo(f"{len(fresh)} fresh pairs, {len(logged)} logged; training on {len(frame)}")
+    frame = pd.concat([pd.DataFrame(fresh), logged], ignore_index=True)
+    kept = frame[[trains_on(pair, chosen_percentile) for pair in frame.to_dict("records")]]
+    frame = kept.sample(frac=1.0, random_state=0).head(max_pairs)
+    click.echo(f"{len(fresh)} fresh pairs, {len(logged)} logged, {len(kept)} past --chosen-percentile; "
+               f"training on {len(frame)}")
     seed_list = [int(s) for s in seeds.split(",")]
     dpo_settings = {"beta": beta, "lr": lr, "epochs": epochs, "max_length": max_length}
     history = run_rounds(cfg, frame, rounds, dpo_settings, checkpoint, backends[1])
@@ -328,14 +368,16 @@ def main(run_dir, train_prompts, train_n, ab_prompts, n, seeds, stage, rounds, m
         arms[name] = per_prompt(samples)
     result = {"benchmark": "DPO A/B, children scored as the search scores them", "command": "python " + " ".join(sys.argv),
               "run_dir": run_dir, "task": cfg.task, "stage": stage, "grammar": pol.grammar,
-              "pairs": {"fresh": len(fresh), "logged": len(logged), "trained_on": len(frame),
+              "pairs": {"fresh": len(fresh), "logged": len(logged), "past_percentile": len(kept),
+                        "trained_on": len(frame),
                         "kinds": frame.kind.value_counts().to_dict()},
               "rounds": history, "ab_prompts": len(ab), "samples_per_arm": len(ab) * n * len(seed_list),
               "seeds": seed_list, **settings, "dpo": {**dpo_settings, "reference": "base", "max_pairs": max_pairs,
                                                       "chosen_percentile": chosen_percentile, "margin": margin},
               "statistics": bootstrap(arms), "generation": generation, "programs_scored": len(judge.values),
               "seconds": round(time.perf_counter() - t0), "seconds_by_step": checkpoint.timings,
-              "work": str(checkpoint.root), "machine": "2-core CPU"}
+              "work": str(checkpoint.root), "shared": {"from": share_from, "steps": shared},
+              "machine": "2-core CPU"}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=2) + "\n")
     click.echo(json.dumps(result["statistics"], indent=1))

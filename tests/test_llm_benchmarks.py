@@ -128,3 +128,20 @@ def test_onoff_keeps_finished_searches_and_resumes_stopped_ones(tmp_path):
     assert onoff.search_state(stopped) == "stopped"            # a periodic checkpoint
     (stopped / "checkpoint.json").write_text(json.dumps({"summary": {"stop_reason": "reached 100 evaluations"}}))
     assert onoff.search_state(stopped) == "finished"
+
+
+def test_a_variant_shares_only_the_steps_its_differing_argument_does_not_touch(tmp_path):
+    args = {"run_dir": "runs/x", "train_prompts": 24, "ab_prompts": 64, "train_n": 4, "n": 2, "stage": "kl",
+            "margin": 0.01, "chosen_percentile": 0.0, "seeds": "0,1"}
+    first = ab.resume(tmp_path / "p0", args)
+    for name, value in {"scores-kl": {"h1": 2.0}, "pairs": [1], "ab-base-s0": {"samples": []},
+                        "ab-dpo-v1-s0": {"samples": []}, "round-1": {"round": 1}}.items():
+        first.save(name, value)
+    variant = {**args, "chosen_percentile": 0.5}
+    second = ab.resume(tmp_path / "p50", variant)
+    second.save("scores-kl", {"h2": 3.0})
+    copied = ab.share(second, tmp_path / "p0", variant)
+    assert copied == ["ab-base-s0", "pairs", "scores-kl"]         # not the tuned arm, not the round
+    assert second.load("scores-kl") == {"h1": 2.0, "h2": 3.0}
+    other_split = ab.resume(tmp_path / "q", {**args, "ab_prompts": 32})
+    assert ab.share(other_split, tmp_path / "p0", {**args, "ab_prompts": 32}) == ["scores-kl"]
