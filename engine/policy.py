@@ -18,8 +18,9 @@ def backend_options(cfg: PolicyConfig) -> dict:
 class PolicyWorker:
     """`system_prompt`: the run's task plug-in's (what kind of program the policy writes);
     `grammar_task`: the task whose grammar completions are constrained to (None: unconstrained),
-    leaving out the inputs `grammar_without` (those the run collects no statistics for). The grammar is built here, not passed: at 100-250 KB it would travel through the object
-    store, and Ray cannot restart an actor whose constructor arguments were released there."""
+    leaving out the inputs `grammar_without` (those the run collects no statistics for). The
+    grammar is built here, not passed: at 100-250 KB it would travel through the object store,
+    and Ray cannot restart an actor whose constructor arguments were released there."""
 
     def __init__(self, cfg: PolicyConfig, system_prompt: str | None = None, grammar_task: str | None = None,
                  grammar_without: frozenset[str] = frozenset()):
