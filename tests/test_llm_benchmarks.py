@@ -108,6 +108,18 @@ def test_ab_samples_resume_from_the_checkpoint_and_count_distinct_across_seeds(t
     assert again[0] == first[0]
 
 
+def test_a_seed_is_kept_in_chunks_of_prompts(tmp_path, monkeypatch):
+    from autoprune_ray.llm.backends import ScriptedBackend
+    monkeypatch.setattr(ab, "CHUNK", 2)
+    prompts = pd.DataFrame({"prompt_id": [1, 2, 3], "prompt": ["a", "b", "c"]})
+    checkpoint = ab.Checkpoint(tmp_path)
+    samples, _ = ab.ab_samples(ScriptedBackend(["x", "yy", "zzz"]), LengthJudge(), prompts, {1: ["p"], 2: ["p"], 3: ["p"]},
+                               1, [0], {}, checkpoint, "base")
+    assert [s["prompt"] for s in samples] == [1, 2, 3] and [s["value"] for s in samples] == [1.0, 2.0, 3.0]
+    assert checkpoint.load("ab-base-s0-c0")["samples"][1]["prompt"] == 2
+    assert [s["prompt"] for s in checkpoint.load("ab-base-s0-c2")["samples"]] == [3]
+
+
 def test_a_work_directory_left_by_other_arguments_is_refused(tmp_path):
     import click
     checkpoint = ab.resume(tmp_path, {"n": 2, "seeds": "0,1"})
