@@ -271,6 +271,9 @@ def seed_chunks(backend, judge: Judge, prompts: pd.DataFrame, parents: dict[int,
                 settings: dict, checkpoint: Checkpoint, arm: str) -> dict:
     """One seed's samples, generated CHUNK prompts at a time (each chunk a checkpoint step, sampled
     with the seed, the same chunks in both arms), so that an interruption loses minutes, not a seed."""
+    whole = checkpoint.load(f"ab-{arm}-s{seed}")   # kept whole by this benchmark's first resumable version
+    if whole is not None:
+        return whole
     steps = [checkpoint.step(f"ab-{arm}-s{seed}-c{i}",
                              lambda i=i: seed_samples(backend, judge, prompts.iloc[i:i + CHUNK], parents, n, seed,
                                                       settings))
