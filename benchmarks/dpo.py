@@ -121,9 +121,8 @@ class Checkpoint:
         return json.loads(path.read_text()) if path.exists() else None
 
     def save(self, name: str, value) -> None:
-        tmp = self.root / f"{name}.json.tmp"
-        tmp.write_text(json.dumps(value))
-        tmp.replace(self.root / f"{name}.json")   # whole or absent, even when killed mid-write
+        from autoprune_ray.engine.storage import atomic_write_bytes   # whole or absent, even when killed
+        atomic_write_bytes(self.root / f"{name}.json", json.dumps(value).encode())
 
     def step(self, name: str, compute):
         """The saved result of step `name`, or compute() saved under that name."""
@@ -259,9 +258,9 @@ def ab_samples(backend, judge: Judge, prompts: pd.DataFrame, parents: dict[int, 
         step = seed_chunks(backend, judge, prompts, parents, n, seed, settings, checkpoint, arm)
         for sample in step["samples"]:
             # distinct: not written earlier in the arm, over seeds in order
-            code_hash = sample.pop("hash")
+            code_hash = sample.pop("hash")   # None: not valid
             samples.append({**sample, "distinct": code_hash is not None and code_hash not in seen})
-            seen.add(code_hash)
+            seen.add(code_hash)              # a None in it never matches a valid program
         tokens, seconds = tokens + step["tokens"], seconds + step["seconds"]
     return samples, {"tokens": tokens, "generation_seconds": round(seconds, 1),
                      "completions_per_minute": round(len(samples) / seconds * 60, 2) if seconds else None}
