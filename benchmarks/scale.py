@@ -150,6 +150,30 @@ class ParquetCost:
         self.cls._write_part = self.original
 
 
+class GcTime:
+    """CPU seconds spent in Python's garbage collector, and collections run, by generation. A full
+    (generation 2) collection walks every tracked object, the import-time heap of torch, Ray and
+    pandas included, so its cost is set by the whole process, not by the run."""
+
+    def __enter__(self):
+        import gc
+        self.seconds, self.collections, self._start = [0.0, 0.0, 0.0], [0, 0, 0], None
+        gc.callbacks.append(self._callback)
+        return self
+
+    def _callback(self, phase: str, info: dict) -> None:
+        # thread_time: the collecting thread's CPU time (a collection holds the GIL to its end)
+        if phase == "start":
+            self._start = time.thread_time()
+        elif self._start is not None:
+            self.seconds[info["generation"]] += time.thread_time() - self._start
+            self.collections[info["generation"]] += 1
+
+    def __exit__(self, *exc):
+        import gc
+        gc.callbacks.remove(self._callback)
+
+
 def run_arm(cfg) -> tuple[dict, dict]:
     """Run one search; (summary, measurements)."""
     import gc
@@ -162,7 +186,7 @@ def run_arm(cfg) -> tuple[dict, dict]:
     before = memory.samples[0][1]
     memory.start()
     start = time.perf_counter()
-    with ParquetCost() as parquet:
+    with ParquetCost() as parquet, GcTime() as collector:
         summary = run_search(cfg, progress=False)
     wall = time.perf_counter() - start
     memory.done.set()
@@ -182,7 +206,9 @@ def run_arm(cfg) -> tuple[dict, dict]:
         "driver_cpu_seconds_per_candidate_by_tenth": memory.cpu_by_tenth(summary["started"], cands.created),
         "code_chars_by_tenth": code_chars_by_tenth(cands),
         "parquet_seconds": parquet.seconds, "parquet_parts": parquet.parts, "parquet_rows": parquet.rows,
-        "parquet_seconds_per_candidate": parquet.seconds / n, "tables_bytes_on_disk": disk,
+        "parquet_seconds_per_candidate": parquet.seconds / n,
+        "gc_seconds_by_generation": collector.seconds, "gc_collections_by_generation": collector.collections,
+        "gc_seconds_per_candidate": sum(collector.seconds) / n, "tables_bytes_on_disk": disk,
         "disk_bytes_per_candidate": disk / n, "load_average_1min": [load_before, os.getloadavg()[0]]}
 
 

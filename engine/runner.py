@@ -6,6 +6,8 @@ candidate (the population is read locally, engine/actors.py). Tables are written
 (`CHECKPOINT_MIN_SECONDS`), so a fast search writes large parts rather than one per evaluation."""
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import time
 from collections import deque
@@ -49,7 +51,8 @@ def _run(search: Search, pool: "ActorPool", display: Display) -> dict:
         search.seed_population()
     _serve_adapter(search, pool)   # a resumed run's policy serves the newest adapter from its first batch
     try:
-        reason = _loop(search, pool, display)
+        with _startup_heap_frozen():
+            reason = _loop(search, pool, display)
         display.stop()
         _drain_and_close(search, pool)
         _promote(search, pool)
@@ -62,6 +65,23 @@ def _run(search: Search, pool: "ActorPool", display: Display) -> dict:
         search.store.unlock()
         pool.kill()
     return summary
+
+
+@contextlib.contextmanager
+def _startup_heap_frozen():
+    """Keep what is alive when the loop starts (the imports of torch, Ray and pandas: about a million
+    objects) out of Python's full garbage collections while the loop runs. A full collection walks
+    every tracked object, so without this a run pays for the startup heap again and again: a
+    10,000-candidate run spent 0.48 s in one such collection, a 1,000-candidate run none.
+    A heap the caller froze is left as it is."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _loop(search: Search, pool: ActorPool, display: Display) -> str:
