@@ -15,6 +15,10 @@ allocations that read an input other than `depth` (the allocation inputs are wha
 allocation more than a depth schedule) and the commonest input sets per part. Beside the arms:
 each grammar task's size and its compile time for the policy's tokenizer.
 
+The grammar leaves out the inputs the default config does not collect (G, unless
+target.gradients), as the engine's policy does; `--grammar-inputs all` measures the whole language
+(the README's first tables were measured so, before the engine left G out).
+
 Writes the result under --key (default "after") of benchmarks/results/grammar-cpu.json (or
 --out), keeping the file's other keys, so that runs before and after a change sit side by side.
 """
@@ -75,7 +79,7 @@ def inputs_read(valid) -> dict:
     return out
 
 
-def grammar_sizes(backend) -> dict:
+def grammar_sizes(backend, without: frozenset[str]) -> dict:
     """Each grammar task's EBNF size and its compile time for the policy's tokenizer (what
     set_grammar does when a search starts)."""
     from autoprune_ray.llm.grammar_backends import HFGrammar
@@ -83,7 +87,7 @@ def grammar_sizes(backend) -> dict:
     from autoprune_ray.operators.language import TASK_PARTS
     out = {}
     for task in ("prune", "allocate", "joint"):
-        built = build(TASK_PARTS[task])
+        built = build(TASK_PARTS[task], without=without)
         t0 = time.perf_counter()
         HFGrammar.compile(built.ebnf, backend.tokenizer, backend.model.config.vocab_size, backend._stop_ids)
         out[task] = {"kb": round(len(built.ebnf) / 1000, 1), "rules": built.ebnf.count("\n"),
@@ -122,10 +126,12 @@ def run_arm(backend, prompts, ebnf, n, seeds, temperature, max_new_tokens, task_
 @click.option("--seeds", default="0,1", show_default=True)
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--arms", default="grammar,unconstrained", show_default=True, help="which arms to run")
+@click.option("--grammar-inputs", type=click.Choice(["collected", "all"]), default="collected", show_default=True,
+              help="collected: leave out what the default config does not collect, as the engine does")
 @click.option("--key", default="after", show_default=True, help="where in --out the result goes")
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS / "grammar-cpu.json", show_default=True)
-def main(task_name, model, n, seeds, batch_size, arms, key, out):
-    from autoprune_ray.engine.config import PolicyConfig
+def main(task_name, model, n, seeds, batch_size, arms, grammar_inputs, key, out):
+    from autoprune_ray.engine.config import PolicyConfig, TargetConfig
     from autoprune_ray.llm.backends import make_backend
     from autoprune_ray.operators.grammar import build
     from autoprune_ray.operators.language import TASK_PARTS
@@ -137,14 +143,15 @@ def main(task_name, model, n, seeds, batch_size, arms, key, out):
                            batch_size=batch_size)
     settings = dict(prompts=prompts, n=n, seeds=seed_list, temperature=policy.temperature,
                     max_new_tokens=policy.max_new_tokens, task_name=task_name)
-    grammars = {"grammar": task.grammar(), "unconstrained": None}
+    without = TargetConfig().uncollected_inputs if grammar_inputs == "collected" else frozenset()
+    grammars = {"grammar": task.grammar(without), "unconstrained": None}
     arms = {name: run_arm(backend, ebnf=grammars[name], **settings) for name in arms.split(",")}
-    built = build(TASK_PARTS[task_name])
+    built = build(TASK_PARTS[task_name], without=without)
     result = {"benchmark": "grammar", "command": "python " + " ".join(sys.argv), "task": task_name, "model": model,
               "operators": [op for op, _ in prompts], "completions_per_prompt_and_seed": n, "seeds": seed_list,
               "temperature": policy.temperature, "max_new_tokens": policy.max_new_tokens,
-              "grammar_chars": len(built.ebnf), "grammar_longest_completion_chars": built.longest,
-              "grammars": grammar_sizes(backend), "arms": arms,
+              "grammar_without": sorted(without), "grammar_chars": len(built.ebnf), "grammar_longest_completion_chars": built.longest,
+              "grammars": grammar_sizes(backend, without), "arms": arms,
               "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, torch threads "
                          f"{__import__('torch').get_num_threads()}"}
     out.parent.mkdir(parents=True, exist_ok=True)
