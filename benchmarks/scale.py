@@ -26,6 +26,7 @@ them; both on this machine), compared at the same evaluator count.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -283,24 +284,29 @@ def main():
 @click.option("--cpus", default=2, show_default=True, help="CPUs of the local Ray instance.")
 @click.option("--repeats", default=3, show_default=True, help="Runs of each length, each in a fresh process.")
 @click.option("--log-level", default="WARNING", show_default=True)
+@click.option("--gc-freeze/--no-gc-freeze", default=True, show_default=True,
+              help="--no-gc-freeze: the ablation, the loop without runner._startup_heap_frozen "
+                   "(written as driver-N-nofreeze).")
 @click.option("--run-key", default=None, hidden=True, help="(internal) one run, written under this key.")
 def driver(candidates: str, evaluators: int, cost: float, cpus: int, repeats: int, log_level: str,
-           run_key: str | None) -> None:
+           gc_freeze: bool, run_key: str | None) -> None:
     """Throughput, overhead, memory and Parquet cost of runs of growing length. Each run gets a
     fresh process (one run's leftovers must not tax the next), and each length the median of
     `repeats` runs: on a shared 2-core machine, runs of the same length differ by ~20%."""
     if run_key is not None:
-        return _driver_run(int(candidates), evaluators, cost, cpus, log_level, run_key)
+        return _driver_run(int(candidates), evaluators, cost, cpus, log_level, run_key, gc_freeze)
+    freeze = "--gc-freeze" if gc_freeze else "--no-gc-freeze"
     for n in (int(x) for x in candidates.split(",")):
-        keys = [f"driver-{n}/run{i}" for i in range(repeats)]
+        name = f"driver-{n}" + ("" if gc_freeze else "-nofreeze")
+        keys = [f"{name}/run{i}" for i in range(repeats)]
         for key in keys:
             subprocess.run([sys.executable, __file__, "driver", "--candidates", str(n), "--evaluators", str(evaluators),
-                            "--cost", str(cost), "--cpus", str(cpus), "--log-level", log_level, "--run-key", key],
-                           check=True)
+                            "--cost", str(cost), "--cpus", str(cpus), "--log-level", log_level, freeze,
+                            "--run-key", key], check=True)
         data = json.loads(OUT.read_text())
         runs = [data.pop(k) for k in keys]
         OUT.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-        _write(f"driver-{n}", _median_of(runs))
+        _write(name, _median_of(runs))
 
 
 def _median_of(runs: list[dict]) -> dict:
@@ -313,7 +319,10 @@ def _median_of(runs: list[dict]) -> dict:
         f"median_{k}": statistics.median(r[k] for r in runs if r[k] is not None) for k in headline}
 
 
-def _driver_run(n: int, evaluators: int, cost: float, cpus: int, log_level: str, key: str) -> None:
+def _driver_run(n: int, evaluators: int, cost: float, cpus: int, log_level: str, key: str, gc_freeze: bool) -> None:
+    if not gc_freeze:
+        from autoprune_ray.engine import runner
+        runner._startup_heap_frozen = contextlib.nullcontext
     ray = _ray(cpus, log_level)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = scale_config(Path(tmp), f"driver-{n}", n, evaluators, cost, cpus)
@@ -323,7 +332,8 @@ def _driver_run(n: int, evaluators: int, cost: float, cpus: int, log_level: str,
             "overhead_per_candidate_seconds": summary["overhead_per_candidate"],
             "overall_candidates_per_second": m["candidates"] / summary["seconds"],
             "evaluator_ready_seconds": [min(summary["evaluator_ready_seconds"]), max(summary["evaluator_ready_seconds"])],
-            "evaluators": evaluators, "cost_seconds": cost, "log_level": log_level, "machine": machine()})
+            "evaluators": evaluators, "cost_seconds": cost, "log_level": log_level, "gc_freeze": gc_freeze,
+            "machine": machine()})
     ray.shutdown()
 
 
