@@ -70,10 +70,10 @@ def _run(search: Search, pool: "ActorPool", display: Display) -> dict:
 @contextlib.contextmanager
 def _startup_heap_frozen():
     """Keep what is alive when the loop starts (the imports of torch, Ray, pandas and the engine:
-    270,000 tracked objects before Ray starts) out of Python's full garbage collections while the loop runs. A full collection walks
-    every tracked object, so without this a run pays for the startup heap again and again: a
-    10,000-candidate run spent 0.48 s in one such collection, a 1,000-candidate run none.
-    A heap the caller froze is left as it is."""
+    270,000 tracked objects before Ray starts) out of Python's full garbage collections while the
+    loop runs. A full collection walks every tracked object, so without this a run pays for the
+    startup heap again and again: a 10,000-candidate run spent 0.48 s in one such collection, a
+    1,000-candidate run none. A heap the caller froze is left as it is."""
     if gc.get_freeze_count():
         yield
         return
