@@ -8,8 +8,8 @@ default rates (mutate 2 : crossover 1); the policy is never asked. Both arms run
 `search.max_evaluations` with no time cap, with the same search seeds, one after the other.
 
 Per run: the best first-stage fitness (the config's fitness.measure, −mean log over levels) after
-every tenth of the budget, in the order evaluations finished; the promoted best's validation
-perplexity under each calibration seed. Per arm: the mean over seeds with the range, and per seed
+every tenth of the budget, in the order evaluations finished; the operator of each evaluation
+that raised it; the promoted best's validation perplexity under each calibration seed. Per arm: the mean over seeds with the range, and per seed
 the difference on − off. Writes benchmarks/results/llm-onoff-cpu.json (or --out).
 """
 from __future__ import annotations
@@ -38,6 +38,20 @@ def best_so_far(evaluations: pd.DataFrame, budget: int, points: int = 10) -> dic
     return out
 
 
+def new_bests(evaluations: pd.DataFrame, candidates: pd.DataFrame) -> list[dict]:
+    """Each evaluation that raised the best fitness so far, in the order evaluations finished, with
+    the operator that wrote the program: who made the progress (the parent's operator is not credited)."""
+    operators = candidates.set_index("candidate_id").operator
+    best, out = -np.inf, []
+    for k, row in enumerate(evaluations.sort_values("finished").itertuples(), start=1):
+        fitness = float(row.fitness)
+        if np.isfinite(fitness) and fitness > best:
+            best = fitness
+            out.append({"evaluation": k, "candidate_id": int(row.candidate_id),
+                        "operator": str(operators.get(row.candidate_id)), "fitness": fitness})
+    return out
+
+
 def promoted(promotions: pd.DataFrame) -> dict | None:
     """The promoted best (highest mean fitness over calibration seeds) and its perplexity per seed."""
     ok = promotions[promotions.status == "ok"]
@@ -54,7 +68,7 @@ def run_summary(run_dir: Path, budget: int) -> dict:
     store = RunStore(run_dir)
     evals, cands = store.read("evaluations"), store.read("candidates")
     return {"evaluations": len(evals), "proposals": len(cands), "best_fitness": best_so_far(evals, budget),
-            "promoted": promoted(store.read("promotions"))}
+            "new_bests": new_bests(evals, cands), "promoted": promoted(store.read("promotions"))}
 
 
 def arm_table(runs: dict[int, dict]) -> dict:
@@ -121,12 +135,20 @@ def summarize(root, out):
     seeds = sorted(set(arms["on"]) & set(arms["off"]))
     final = {s: (arms["on"][s]["best_fitness"], arms["off"][s]["best_fitness"]) for s in seeds}
     result = {"benchmark": "LLM operators on and off", "command": "python " + " ".join(sys.argv),
-              "arms": {name: {"runs": runs, "best_fitness": arm_table(runs)} for name, runs in arms.items()},
+              "arms": {name: {"runs": runs, "best_fitness": arm_table(runs), "new_bests_by_operator":
+                              credit(runs)} for name, runs in arms.items()},
               "on_minus_off_final": {s: _last(on) - _last(off) if None not in (_last(on), _last(off)) else None
                                      for s, (on, off) in final.items()}}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     click.echo(json.dumps({a: r["best_fitness"] for a, r in result["arms"].items()}, indent=1))
+
+
+def credit(runs: dict[int, dict]) -> dict[str, int]:
+    """How many new bests each operator made, over an arm's seeds (the seeds' own first measurements
+    included, so that the counts add up to every step of every curve)."""
+    counts = pd.Series([b["operator"] for r in runs.values() for b in r["new_bests"]], dtype=object)
+    return {str(k): int(v) for k, v in counts.value_counts().items()}
 
 
 def _last(curve: dict[int, float | None]) -> float | None:

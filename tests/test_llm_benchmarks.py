@@ -69,6 +69,19 @@ def test_best_so_far_follows_finishing_order_and_skips_unmeasured():
     assert onoff.best_so_far(evals, budget=12, points=2) == {6: -0.5, 12: None}   # the run stopped at 6
 
 
+def test_new_bests_credit_the_operator_that_wrote_each_step_up():
+    evals = pd.DataFrame({"candidate_id": [1, 2, 3, 4, 5], "finished": [2.0, 1.0, 3.0, 4.0, 5.0],
+                          "fitness": [-2.0, -3.0, float("nan"), -2.5, -1.0]})
+    cands = pd.DataFrame({"candidate_id": [1, 2, 3, 4, 5],
+                          "operator": ["llm_mutate", "seed", "llm_init", "symbolic_mutate", "symbolic_mutate"]})
+    steps = onoff.new_bests(evals, cands)
+    # finishing order 2, 1, 3 (screened), 4 (worse than the best), 5
+    assert [(s["evaluation"], s["candidate_id"], s["operator"]) for s in steps] == [
+        (1, 2, "seed"), (2, 1, "llm_mutate"), (5, 5, "symbolic_mutate")]
+    assert onoff.credit({0: {"new_bests": steps}, 1: {"new_bests": steps[:1]}}) == {
+        "seed": 2, "llm_mutate": 1, "symbolic_mutate": 1}
+
+
 def test_promoted_is_the_best_mean_over_calibration_seeds():
     promotions = pd.DataFrame({"candidate_id": [7, 7, 9, 9, 11], "seed": [0, 1, 0, 1, 0],
                                "status": ["ok", "ok", "ok", "ok", "failed"],
