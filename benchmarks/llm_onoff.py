@@ -9,7 +9,8 @@ default rates (mutate 2 : crossover 1); the policy is never asked. Both arms run
 
 Per run: the best first-stage fitness (the config's fitness.measure, −mean log over levels) after
 every tenth of the budget, in the order evaluations finished; the operator of each evaluation
-that raised it; the promoted best's validation perplexity under each calibration seed. Per arm: the mean over seeds with the range, and per seed
+that raised it; the operators of the best program's ancestry; the promoted best's validation
+perplexity under each calibration seed. Per arm: the mean over seeds with the range, and per seed
 the difference on − off. Writes benchmarks/results/llm-onoff-cpu.json (or --out).
 """
 from __future__ import annotations
@@ -52,6 +53,30 @@ def new_bests(evaluations: pd.DataFrame, candidates: pd.DataFrame) -> list[dict]
     return out
 
 
+def lineage(candidates: pd.DataFrame, candidate_id: int) -> dict[int, str]:
+    """The operator of a program and of each of its ancestors (parents, their parents, ...)."""
+    frame = candidates.set_index("candidate_id")
+    found, todo = {}, [int(candidate_id)]
+    while todo:
+        cid = todo.pop()
+        if cid not in found and cid in frame.index:
+            found[cid] = str(frame.at[cid, "operator"])
+            todo.extend(int(p) for p in frame.at[cid, "parents"])
+    return dict(sorted(found.items()))
+
+
+def best_lineage(evaluations: pd.DataFrame, candidates: pd.DataFrame) -> dict | None:
+    """Whether an LLM operator wrote the best program or any of its ancestors: the LLM can help
+    by writing parents that symbolic operators then improve, which new bests alone do not show."""
+    from autoprune_ray.engine.learning import LLM_OPERATORS
+    fitness = evaluations.fitness.astype(float).where(lambda f: np.isfinite(f))
+    if fitness.isna().all():
+        return None
+    best = int(evaluations.loc[fitness.idxmax(), "candidate_id"])
+    ops = lineage(candidates, best)
+    return {"candidate_id": best, "lineage": ops, "llm_in_lineage": any(o in LLM_OPERATORS for o in ops.values())}
+
+
 def promoted(promotions: pd.DataFrame) -> dict | None:
     """The promoted best (highest mean fitness over calibration seeds) and its perplexity per seed."""
     ok = promotions[promotions.status == "ok"]
@@ -68,7 +93,8 @@ def run_summary(run_dir: Path, budget: int) -> dict:
     store = RunStore(run_dir)
     evals, cands = store.read("evaluations"), store.read("candidates")
     return {"evaluations": len(evals), "proposals": len(cands), "best_fitness": best_so_far(evals, budget),
-            "new_bests": new_bests(evals, cands), "promoted": promoted(store.read("promotions"))}
+            "new_bests": new_bests(evals, cands), "best_lineage": best_lineage(evals, cands),
+            "promoted": promoted(store.read("promotions"))}
 
 
 def arm_table(runs: dict[int, dict]) -> dict:

@@ -82,6 +82,21 @@ def test_new_bests_credit_the_operator_that_wrote_each_step_up():
         "seed": 2, "llm_mutate": 1, "symbolic_mutate": 1}
 
 
+def test_best_lineage_follows_every_parent_back_to_the_seeds():
+    cands = pd.DataFrame({"candidate_id": [0, 1, 2, 3, 4, 5],
+                          "operator": ["seed", "seed", "llm_init", "symbolic_crossover", "symbolic_mutate", "gcot"],
+                          "parents": [[], [], [], [0, 2], [3], [1]]})
+    evals = pd.DataFrame({"candidate_id": [0, 1, 2, 3, 4, 5], "finished": [1.0, 2, 3, 4, 5, 6],
+                          "fitness": [-3.0, -2.5, float("nan"), -2.0, -1.0, float("inf")]})
+    # 5 failed (inf) and cannot be the best; 4's grandparent 2 was written by the LLM, 1 is not an ancestor
+    assert onoff.best_lineage(evals, cands) == {
+        "candidate_id": 4, "lineage": {0: "seed", 2: "llm_init", 3: "symbolic_crossover", 4: "symbolic_mutate"},
+        "llm_in_lineage": True}
+    assert onoff.lineage(cands, 3) == {0: "seed", 2: "llm_init", 3: "symbolic_crossover"}
+    assert onoff.best_lineage(evals.assign(fitness=[-3.0, -1.0, float("nan"), -2.0, -4.0, float("inf")]), cands) == {
+        "candidate_id": 1, "lineage": {1: "seed"}, "llm_in_lineage": False}
+
+
 def test_promoted_is_the_best_mean_over_calibration_seeds():
     promotions = pd.DataFrame({"candidate_id": [7, 7, 9, 9, 11], "seed": [0, 1, 0, 1, 0],
                                "status": ["ok", "ok", "ok", "ok", "failed"],
