@@ -55,14 +55,9 @@ def new_bests(evaluations: pd.DataFrame, candidates: pd.DataFrame) -> list[dict]
 
 def lineage(candidates: pd.DataFrame, candidate_id: int) -> dict[int, str]:
     """The operator of a program and of each of its ancestors (parents, their parents, ...)."""
-    frame = candidates.set_index("candidate_id")
-    found, todo = {}, [int(candidate_id)]
-    while todo:
-        cid = todo.pop()
-        if cid not in found and cid in frame.index:
-            found[cid] = str(frame.at[cid, "operator"])
-            todo.extend(int(p) for p in frame.at[cid, "parents"])
-    return dict(sorted(found.items()))
+    from autoprune_ray.engine.plots import ancestry
+    operators = candidates.set_index("candidate_id").operator
+    return {cid: str(operators[cid]) for cid in sorted(ancestry(candidates, int(candidate_id), limit=len(candidates) + 1))}
 
 
 def best_lineage(evaluations: pd.DataFrame, candidates: pd.DataFrame) -> dict | None:

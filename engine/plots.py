@@ -89,17 +89,17 @@ def _valid_rate(cands, path: Path) -> str:
     return _save(fig, path)
 
 
-def ancestry(cands: pd.DataFrame, best_id: int) -> dict[int, int]:
+def ancestry(cands: pd.DataFrame, best_id: int, limit: int = MAX_ANCESTORS) -> dict[int, int]:
     """The best program's ancestors (every parent, crossovers' both) by generations back from it;
-    the nearest MAX_ANCESTORS."""
+    the nearest `limit` (a figure has room for MAX_ANCESTORS)."""
     parents_of = {int(r.candidate_id): [int(p) for p in (r.parents if r.parents is not None else [])]
                   for r in cands.itertuples()}
     depth, frontier = {best_id: 0}, [best_id]
-    while frontier and len(depth) < MAX_ANCESTORS:
+    while frontier and len(depth) < limit:
         nxt = []
         for node in frontier:
             for parent in parents_of.get(node, []):
-                if parent not in depth and len(depth) < MAX_ANCESTORS:
+                if parent not in depth and len(depth) < limit:
                     depth[parent] = depth[node] + 1
                     nxt.append(parent)
         frontier = nxt
