@@ -58,6 +58,7 @@ class QuantConfig:
     program: Node | None = None             # method program: a sensitivity tree (task mpq)
     gptq_damp: float = 0.01
     gptq_blocksize: int = 128
+    gptq_act_order: bool = False            # columns by decreasing XᵀX diagonal, static group grids
     # sequential: GPTQ's own protocol, each block calibrated on the outputs of the blocks already
     # quantized; one-pass: the dense model's cached Gram matrices (what a search's fitness uses)
     gptq_mode: str = "sequential"
@@ -69,6 +70,8 @@ class QuantConfig:
         _choose("gptq_mode", self.gptq_mode, GPTQ_MODES)
         _choose("allocator", self.allocator, bitalloc.METHODS)
         check_group_size(self.group_size)
+        if not self.gptq_damp > 0:
+            raise ValueError(f"gptq_damp must be positive (a share of the mean Hessian diagonal), got {self.gptq_damp}")
         for b in self.choices:
             check_bits(b)
         if list(self.choices) != sorted(set(self.choices)):
@@ -85,6 +88,10 @@ class QuantConfig:
         APTQ-style and Hutchinson measure on the model itself, sequential GPTQ collects its own,
         and uniform RTN needs nothing."""
         return self.one_pass_gptq or self.method == "program" or (self.method == "hawq" and self.hessian == "gram")
+
+    @property
+    def gptq_options(self) -> dict:
+        return {"blocksize": self.gptq_blocksize, "damp": self.gptq_damp, "act_order": self.gptq_act_order}
 
     @property
     def one_pass_gptq(self) -> bool:
@@ -105,7 +112,8 @@ class QuantConfig:
         name = "hawq-hutchinson" if self.method == "hawq" and self.hessian == "hutchinson" else self.method
         if self.quantizer == "rtn":
             return name
-        return f"{name} gptq one-pass" if self.one_pass_gptq else f"{name} gptq"
+        name += " gptq act-order" if self.gptq_act_order else " gptq"
+        return name + (" one-pass" if self.one_pass_gptq else "")
 
 
 def _choose(key: str, value: str, options) -> None:
@@ -165,7 +173,7 @@ def apply_bits(layers: list[QuantLayer], bits: list[int], cfg: QuantConfig, stat
     for k, (layer, b) in enumerate(zip(layers, bits)):
         weight = dense[k] if dense is not None else layer.linear.weight.data
         gram = stats.blocks[layer.block][layer.name].gram if cfg.quantizer == "gptq" else None
-        new = round_weight(weight, b, cfg.quantizer, cfg.group_size, gram, cfg.gptq_blocksize, cfg.gptq_damp)
+        new = round_weight(weight, b, cfg.quantizer, cfg.group_size, gram, **cfg.gptq_options)
         layer.linear.weight.data.copy_(new)
 
 
@@ -178,13 +186,13 @@ class GPTQBlockHook:
     def __init__(self, layers: list[QuantLayer], bits: list[int], cfg: QuantConfig):
         self.bits = {(layer.block, layer.name): b for layer, b in zip(layers, bits)}
         self.cfg = cfg
-        self.signature = f"gptq {cfg.group_size} {cfg.gptq_blocksize} {cfg.gptq_damp} {sorted(self.bits.items())}"
+        self.signature = f"gptq {cfg.group_size} {sorted(cfg.gptq_options.items())} {sorted(self.bits.items())}"
 
     def __call__(self, index: int, block: nn.Module, stats: BlockStats, ctx: BlockContext) -> None:
         for name, linear in block_linears(block).items():
             st = stats[name]
             new = gptq_quantize(linear.weight.data, st.gram, self.bits[(index, name)], self.cfg.group_size,
-                                self.cfg.gptq_blocksize, self.cfg.gptq_damp)
+                                **self.cfg.gptq_options)
             linear.weight.data.copy_(new)
         for st in stats.inputs.values():
             st.gram = None

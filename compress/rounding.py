@@ -19,10 +19,11 @@ from .stats import CalibrationStats
 
 
 def round_weight(weight: torch.Tensor, bits: int, quantizer: str, group_size: int, gram: torch.Tensor | None = None,
-                 gptq_blocksize: int = 128, gptq_damp: float = 0.01) -> torch.Tensor:
-    """`weight` on the `bits`-bit grid: round to nearest, or GPTQ on the inputs' Gram matrix."""
+                 **gptq_options) -> torch.Tensor:
+    """`weight` on the `bits`-bit grid: round to nearest, or GPTQ on the inputs' Gram matrix
+    (`gptq_options`: gptq_quantize's blocksize, damp and act_order)."""
     if quantizer == "gptq":
-        return gptq_quantize(weight, gram, bits, group_size, gptq_blocksize, gptq_damp)
+        return gptq_quantize(weight, gram, bits, group_size, **gptq_options)
     return fake_quantize(weight, bits, group_size)[0]
 
 
@@ -51,6 +52,5 @@ class RoundedWeights:
         if (i, bits) not in self._fitted:
             layer = self.layers[i]
             gram = self.stats.blocks[layer.block][layer.name].gram
-            self._fitted[i, bits] = round_weight(self.dense[i], bits, q.quantizer, q.group_size, gram,
-                                                 q.gptq_blocksize, q.gptq_damp)
+            self._fitted[i, bits] = round_weight(self.dense[i], bits, q.quantizer, q.group_size, gram, **q.gptq_options)
         return self._fitted[i, bits]

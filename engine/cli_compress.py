@@ -267,6 +267,10 @@ def baselines(sparsities, patterns, methods, out, **options):
 @click.option("--quantizer", type=click.Choice(["rtn", "gptq"]), default="rtn", show_default=True)
 @click.option("--gptq-mode", type=click.Choice(["sequential", "one-pass"]), default="sequential", show_default=True,
               help="GPTQ's calibration: each block on the quantized blocks' outputs (upstream), or the dense model's.")
+@click.option("--act-order", is_flag=True,
+              help="GPTQ: round columns by decreasing input energy (upstream's actorder, static group grids).")
+@click.option("--gptq-damp", type=float, default=0.01, show_default=True,
+              help="GPTQ: damping added to the Hessian diagonal, as a fraction of its mean.")
 @click.option("--hessian", type=click.Choice(["gram", "hutchinson"]), default="gram", show_default=True,
               help="HAWQ's trace: the layer-output Hessian X Xᵀ, or Hutchinson on the LM loss.")
 @protocol_options
@@ -275,7 +279,7 @@ def baselines(sparsities, patterns, methods, out, **options):
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a table.")
 @clear_errors
 def quantize(method, program_file, avg_bits, as_uniform, group_size, choices, allocator, quantizer, gptq_mode,
-             hessian, save, as_json, **options):
+             act_order, gptq_damp, hessian, save, as_json, **options):
     """Mixed-precision weight-only quantization under an average-bits budget; prints perplexity, the
     achieved average bits and the per-layer bits.
 
@@ -291,7 +295,8 @@ def quantize(method, program_file, avg_bits, as_uniform, group_size, choices, al
     cfg = QuantConfig(method="program" if program else method, avg_bits=avg_bits, as_uniform=as_uniform,
                       group_size=group_size,
                       choices=parse_bits(choices), allocator=allocator, quantizer=quantizer, gptq_mode=gptq_mode,
-                      hessian=hessian, program=program.tree if program else None).validate()
+                      gptq_act_order=act_order, gptq_damp=gptq_damp, hessian=hessian,
+                      program=program.tree if program else None).validate()
     measure_and_show(cfg, save, "quantization.json", as_json, show_quantization, **options)
 
 

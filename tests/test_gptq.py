@@ -24,25 +24,32 @@ def plain_grid(group, bits):
     return lambda w: (torch.clamp(torch.floor(w / scale + 0.5) + zero, 0, maxq) - zero) * scale
 
 
-def reference_gptq(weight, gram, bits, group_size, damp=0.01):
+def reference_gptq(weight, gram, bits, group_size, damp=0.01, act_order=False):
     """OBQ/GPTQ one column at a time, in float64: H⁻¹ by a plain inverse, each column rounded on its
     group's grid (fixed at the group's first column from the error-updated weights), its error
     spread by the row j of H⁻¹, then index j eliminated from H⁻¹ by the Schur complement
     H⁻¹ ← H⁻¹ − H⁻¹[:, j] H⁻¹[j, :] / H⁻¹[j, j] (Frantar et al. 2022, eq. 3). No Cholesky factor,
-    no lazy blocks."""
-    w = weight.double().clone()
-    cols = w.shape[1]
+    no lazy blocks. With `act_order`: columns visited by decreasing H diagonal, every group's grid
+    taken from the untouched weights of its contiguous columns beforehand."""
+    cols = weight.shape[1]
+    order = torch.argsort(gram.diagonal(), descending=True, stable=True) if act_order else torch.arange(cols)
+    static = [plain_grid(weight.double()[:, g:g + group_size], bits) for g in range(0, cols, group_size)]
+    w = weight.double()[:, order].clone()
     h = gram.double() + damp * gram.diagonal().double().mean() * torch.eye(cols, dtype=torch.float64)
-    h_inv = torch.linalg.inv(h)
+    h_inv = torch.linalg.inv(h[order][:, order])
     q = torch.zeros_like(w)
     for j in range(cols):
-        if j % group_size == 0:
+        if act_order:
+            rounding = static[int(order[j]) // group_size]
+        elif j % group_size == 0:
             rounding = plain_grid(w[:, j:j + group_size], bits)
         q[:, j] = rounding(w[:, j:j + 1]).squeeze(1)
         err = (w[:, j] - q[:, j]) / h_inv[j, j]
         w[:, j + 1:] -= err.unsqueeze(1) * h_inv[j, j + 1:].unsqueeze(0)
         h_inv = h_inv - torch.outer(h_inv[:, j], h_inv[j, :]) / h_inv[j, j]
-    return q
+    out = torch.empty_like(q)
+    out[:, order] = q
+    return out
 
 
 @pytest.mark.parametrize("bits, group_size, blocksize", [(4, 16, 8), (3, 12, 8), (4, 128, 128), (2, 20, 32)])
@@ -58,6 +65,28 @@ def test_gptq_matches_the_plain_column_by_column_reference(bits, group_size, blo
     ours = gptq_quantize(w, gram, bits, group_size, blocksize=blocksize)
     expected = reference_gptq(w, gram, bits, group_size)
     assert (ours.double() - expected).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("bits, group_size, blocksize", [(4, 16, 8), (3, 12, 8), (2, 20, 32)])
+def test_act_order_gptq_matches_the_plain_reference(bits, group_size, blocksize):
+    """Act-order visits the columns by decreasing XᵀX diagonal; the inputs are scaled so that order
+    is far from left to right, and a group's columns are spread over several blocks."""
+    x = correlated_inputs(20 + bits, tokens=512, width=40) * torch.linspace(0.2, 3.0, 40).flip(0)[torch.randperm(
+        40, generator=torch.Generator().manual_seed(bits))]
+    gram = x.T @ x
+    w = torch.randn(24, 40, generator=torch.Generator().manual_seed(bits))
+    ours = gptq_quantize(w, gram, bits, group_size, blocksize=blocksize, act_order=True)
+    expected = reference_gptq(w, gram, bits, group_size, act_order=True)
+    assert (ours.double() - expected).abs().max() < 1e-4
+    assert (ours - gptq_quantize(w, gram, bits, group_size, blocksize=blocksize)).abs().max() > 1e-2
+
+
+def test_act_order_with_uncorrelated_inputs_is_rtn():
+    """A diagonal H moves no error whatever the order, and static grids are RTN's grids."""
+    w = torch.randn(8, 24, generator=torch.Generator().manual_seed(2))
+    rtn, _ = fake_quant_reference(w, 3, 8)
+    gram = torch.diag(torch.linspace(1.0, 5.0, 24)[torch.randperm(24, generator=torch.Generator().manual_seed(3))])
+    assert torch.allclose(gptq_quantize(w, gram, 3, 8, act_order=True), rtn, atol=1e-6)
 
 
 def test_the_reference_is_rtn_when_inputs_are_uncorrelated():
@@ -129,16 +158,23 @@ def test_sequential_gptq_feeds_quantized_outputs_forward(tiny_model_dir, corpus_
         assert torch.equal(a.linear.weight.data, b.linear.weight.data)
 
 
-def test_one_pass_gptq_stays_selectable(tiny_model_dir, corpus_file):
-    """gptq_mode one-pass quantizes every layer from the dense model's Gram matrices."""
+@pytest.mark.parametrize("options, label", [({}, "uniform gptq one-pass"),
+                                            ({"act_order": True, "damp": 0.05}, "uniform gptq act-order one-pass")])
+def test_one_pass_gptq_stays_selectable(tiny_model_dir, corpus_file, options, label):
+    """gptq_mode one-pass quantizes every layer from the dense model's Gram matrices, with the
+    config's act-order and damping."""
     lm = load_model(str(tiny_model_dir), device="cpu")
     data = load_token_data(lm.tokenizer, str(corpus_file), None, 4, 32, 0, 256)
     dense = calibration_stats(lm, data, "one-pass", with_gram=True, use_cache=False)
-    want = {layer.key: gptq_quantize(layer.linear.weight.data, dense.blocks[layer.block][layer.name].gram, 4, GROUP)
+    want = {layer.key: gptq_quantize(layer.linear.weight.data, dense.blocks[layer.block][layer.name].gram, 4, GROUP,
+                                     **options)
             for layer in quant_layers(lm.model)}
-    cfg = QuantConfig(method="uniform", as_uniform=4, group_size=GROUP, quantizer="gptq", gptq_mode="one-pass")
+    cfg = QuantConfig(method="uniform", as_uniform=4, group_size=GROUP, quantizer="gptq", gptq_mode="one-pass",
+                      **{f"gptq_{k}": v for k, v in options.items()})
     result = quantize_model(lm, data, cfg)
-    assert result.config.label == "uniform gptq one-pass"
+    assert result.config.label == label
     assert all(torch.equal(layer.linear.weight.data, want[layer.key]) for layer in quant_layers(lm.model))
     with pytest.raises(ValueError, match="gptq_mode"):
         QuantConfig(quantizer="gptq", gptq_mode="greedy").validate()
+    with pytest.raises(ValueError, match="gptq_damp"):
+        QuantConfig(quantizer="gptq", gptq_damp=0.0).validate()

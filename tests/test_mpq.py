@@ -246,11 +246,13 @@ def test_uniform_fills_its_own_budget_at_smollm2_shapes():
 def test_quantize_command_chooses_gptq_calibration(tiny_model_dir, corpus_file):
     import json
     from autoprune_ray.engine.cli import main
-    for mode in ("sequential", "one-pass"):
+    for mode, extra in (("sequential", ["--act-order", "--gptq-damp", "0.05"]), ("one-pass", [])):
         res = CliRunner().invoke(main, ["quantize", "--as-uniform", "4", "--group-size", str(GROUP), "--quantizer",
                                         "gptq", "--gptq-mode", mode, "--model", str(tiny_model_dir), "--data",
                                         str(corpus_file), "--nsamples", "4", "--seqlen", "32", "--eval-tokens", "128",
-                                        "--json"])
+                                        "--json", *extra])
         assert res.exit_code == 0, res.output
         result = json.loads(res.output[res.output.index("{"):])
         assert result["config"]["gptq_mode"] == mode
+        assert (result["config"]["gptq_act_order"], result["config"]["gptq_damp"]) == (
+            (True, 0.05) if extra else (False, 0.01))
