@@ -26,12 +26,24 @@ def configs(programs: list[str], methods: list[str], budget: int, quantizer: str
     common = {"as_uniform": budget, "quantizer": quantizer}
     out = [(Path(p).name, QuantConfig(method="program", program=parse(Path(p).read_text(), "mpq").tree, **common))
            for p in programs]
-    return [(label, cfg.validate()) for label, cfg in out + [(m, QuantConfig(method=m, **common)) for m in methods]]
+    out += [(m, QuantConfig(method=m, **common)) for m in methods if m != "dense"]
+    # "dense" is the unquantized model on the same held-out windows: the floor every row is read against
+    return [(label, cfg.validate()) for label, cfg in out] + [("dense", None)] * ("dense" in methods)
+
+
+def row_columns(quantizer: str):
+    def columns(cfg, measured) -> dict:
+        if cfg is None:
+            return {"quantizer": None, "gptq_mode": None, "avg_bits": 16.0, "histogram": {}}
+        return {"quantizer": quantizer, "gptq_mode": cfg.gptq_mode if quantizer == "gptq" else None,
+                "avg_bits": measured.result.avg_bits,
+                "histogram": {str(b): n for b, n in measured.result.histogram.items()}}
+    return columns
 
 
 @click.command()
 @click.option("--programs", default="", help="Comma-separated sensitivity-proxy files (task mpq).")
-@click.option("--methods", default=",".join(METHODS), show_default=True)
+@click.option("--methods", default=",".join(METHODS), show_default=True, help="Also: dense (unquantized).")
 @click.option("--budgets", default="3", show_default=True, help="Each budget is what uniform B-bit costs.")
 @click.option("--corpora", default="austen,fortunes", show_default=True)
 @click.option("--seeds", default="0", show_default=True, help="Calibration seeds.")
@@ -44,10 +56,7 @@ def main(programs, methods, budgets, corpora, seeds, protocol_name, quantizer, m
                         protocol_name, model,
                         lambda budget: configs([p for p in programs.split(",") if p],
                                                [m for m in methods.split(",") if m], budget, quantizer),
-                        lambda cfg, measured: {
-                            "quantizer": quantizer, "gptq_mode": cfg.gptq_mode if quantizer == "gptq" else None,
-                            "avg_bits": measured.result.avg_bits,
-                            "histogram": {str(b): n for b, n in measured.result.histogram.items()}})
+                        row_columns(quantizer))
     stem.with_suffix(".md").write_text(markdown(done, level="budget", reference="uniform"))
     click.echo(markdown(done, level="budget", reference="uniform"))
 
