@@ -19,11 +19,12 @@ from discovered import OUT, markdown, measure_grid
 METHODS = ("uniform", "hawq", "aptq")
 
 
-def configs(programs: list[str], methods: list[str], budget: int, quantizer: str) -> list[tuple[str, object]]:
+def configs(programs: list[str], methods: list[str], budget: int, quantizer: str,
+            act_order: bool = False) -> list[tuple[str, object]]:
     from autoprune_ray.compress.quantize import QuantConfig
     from autoprune_ray.operators.language import parse
 
-    common = {"as_uniform": budget, "quantizer": quantizer}
+    common = {"as_uniform": budget, "quantizer": quantizer, "gptq_act_order": act_order}
     out = [(Path(p).name, QuantConfig(method="program", program=parse(Path(p).read_text(), "mpq").tree, **common))
            for p in programs]
     out += [(m, QuantConfig(method=m, **common)) for m in methods if m != "dense"]
@@ -36,6 +37,7 @@ def row_columns(quantizer: str):
         if cfg is None:
             return {"quantizer": None, "gptq_mode": None, "avg_bits": 16.0, "histogram": {}}
         return {"quantizer": quantizer, "gptq_mode": cfg.gptq_mode if quantizer == "gptq" else None,
+                "gptq_act_order": cfg.gptq_act_order,
                 "avg_bits": measured.result.avg_bits,
                 "histogram": {str(b): n for b, n in measured.result.histogram.items()}}
     return columns
@@ -49,13 +51,14 @@ def row_columns(quantizer: str):
 @click.option("--seeds", default="0", show_default=True, help="Calibration seeds.")
 @click.option("--protocol", "protocol_name", default="cpu", show_default=True)
 @click.option("--quantizer", type=click.Choice(["rtn", "gptq"]), default="gptq", show_default=True)
+@click.option("--act-order", is_flag=True, help="GPTQ with act-order (rows go to a -act file of their own).")
 @click.option("--model", default="smollm2", show_default=True)
-def main(programs, methods, budgets, corpora, seeds, protocol_name, quantizer, model):
-    stem = OUT / f"mpq-measured-{protocol_name}-{quantizer}"
+def main(programs, methods, budgets, corpora, seeds, protocol_name, quantizer, act_order, model):
+    stem = OUT / f"mpq-measured-{protocol_name}-{quantizer}{'-act' * act_order}"
     done = measure_grid(stem.with_suffix(".jsonl"), "budget", [int(b) for b in budgets.split(",")], corpora, seeds,
                         protocol_name, model,
                         lambda budget: configs([p for p in programs.split(",") if p],
-                                               [m for m in methods.split(",") if m], budget, quantizer),
+                                               [m for m in methods.split(",") if m], budget, quantizer, act_order),
                         row_columns(quantizer))
     stem.with_suffix(".md").write_text(markdown(done, level="budget", reference="uniform"))
     click.echo(markdown(done, level="budget", reference="uniform"))

@@ -37,3 +37,4 @@ def test_mpq_rows_include_the_dense_model_on_request(monkeypatch):
     assert [label for label, _ in rows] == ["uniform", "dense"]
     assert rows[1][1] is None and rows[0][1].quantizer == "gptq"
     assert [label for label, _ in mpq.configs([], ["uniform"], 3, "gptq")] == ["uniform"]
+    assert not rows[0][1].gptq_act_order and mpq.configs([], ["uniform"], 3, "gptq", True)[0][1].gptq_act_order
