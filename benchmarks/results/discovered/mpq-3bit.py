@@ -7,8 +7,10 @@ the rest screened by the output-error proxy or failed. Best: candidate #10, writ
 uniform-3-bit budget (3.27 bits per weight, group 128), rounded by one-pass GPTQ: 111.9, against 161.5 for the weight-error seed Σ E² and 1320 for HAWQ.
 
 Read as: E is a layer's round-to-nearest error at one bit width, and E * maximum(E, E) = E², so
-this is the weight-error seed Σ E² divided by the layer's number of weights (the −10 is the same
-for every layer and width, so the allocation ignores it). Per weight rather than per layer, it no
+this is the weight-error seed Σ E² divided by the layer's number of weights. The −10 is the same
+for every layer and width, but not free in float32: it rounds mean(E²) to steps of about 1e-6
+(about 20% of its value at 8 bits), and the allocation differs from exact mean(E²)'s
+(mpq-3bit-s1.py, the second search seed's best) in 9 of 210 layers. Per weight rather than per layer, it no
 longer charges a large layer more for the same rounding error, so the ILP keeps bits in the small
 attention projections and takes them from the wide MLP ones. Its rank correlation with the
 measured one-layer sensitivity is negative (Spearman −0.39 on the search's 16 sampled layers).
