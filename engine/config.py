@@ -71,6 +71,7 @@ class QuantSettings:
     bits: list[int] = field(default_factory=lambda: [2, 3, 4, 8])
     allocator: str = "ilp"            # ilp (exact) or greedy
     quantizer: str = "rtn"            # rtn, or gptq (fitness: one-pass, rounded once per evaluator)
+    act_order: bool = False           # gptq: columns by decreasing input energy (upstream's actorder)
     measure_layers: int = 16          # rank correlation: layers quantized alone, a fixed sample
     measure_bits: int = 2               # one layer at 3 bits moves the NLL less than its noise on 2k tokens
     measure_tokens: int = 2048
@@ -79,7 +80,8 @@ class QuantSettings:
         from autoprune_ray.compress.quantize import QuantConfig
         return QuantConfig(avg_bits=self.avg_bits, as_uniform=self.as_uniform, group_size=self.group_size,
                            choices=tuple(self.bits),
-                           allocator=self.allocator, quantizer=self.quantizer, **extra)
+                           allocator=self.allocator, quantizer=self.quantizer, gptq_act_order=self.act_order,
+                           **extra)
 
     def measure_config(self):
         from autoprune_ray.compress.mpq_fitness import MeasureConfig

@@ -88,3 +88,13 @@ def test_every_shipped_search_config_validates_and_names_a_registered_task(path)
     cfg = load_config(path)
     assert cfg.task in TASKS
     assert cfg.target.val_tokens, "a search reads a capped validation split"
+
+
+def test_an_mpq_search_can_score_with_act_order_gptq():
+    """quant.act_order reaches every config the task builds: the fitness's rounding and the
+    report's re-measured rows."""
+    cfg = load_config(CONFIGS / "mpq.yaml", {"quant.quantizer": "gptq", "quant.act_order": True})
+    task = get_task("mpq")
+    task.validate(cfg)
+    assert task.baseline_config("uniform", cfg).gptq_options["act_order"] is True
+    assert load_config(CONFIGS / "mpq.yaml").quant.quant_config().gptq_act_order is False
