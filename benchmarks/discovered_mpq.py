@@ -35,7 +35,7 @@ def configs(programs: list[str], methods: list[str], budget: int, quantizer: str
 def row_columns(quantizer: str):
     def columns(cfg, measured) -> dict:
         if cfg is None:
-            return {"quantizer": None, "gptq_mode": None, "avg_bits": 16.0, "histogram": {}}
+            return {"quantizer": None, "gptq_mode": None, "avg_bits": None, "histogram": {}}
         return {"quantizer": quantizer, "gptq_mode": cfg.gptq_mode if quantizer == "gptq" else None,
                 "gptq_act_order": cfg.gptq_act_order,
                 "avg_bits": measured.result.avg_bits,

@@ -1,21 +1,12 @@
 """The statistics of the policy's benchmarks (benchmarks/dpo.py's A/B, benchmarks/llm_onoff.py),
 against hand-computed values."""
-import importlib.util
 import math
-from pathlib import Path
 
 import pandas as pd
 import pytest
+from tests_support import load_benchmark
 
-
-def benchmark(name: str):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ab, onoff = benchmark("dpo"), benchmark("llm_onoff")
+ab, onoff = load_benchmark("dpo"), load_benchmark("llm_onoff")
 
 
 def sample(prompt, valid, distinct=False, value=None, beats=None):

@@ -1,23 +1,11 @@
 """The quantization benchmarks' row definitions: what each label on the command line measures."""
-import importlib.util
-from pathlib import Path
-
 import click
 import pytest
-
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
-
-
-def benchmark(name: str, monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # they import their sibling discovered.py
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests_support import load_benchmark
 
 
-def test_gptq_variants_name_their_options(monkeypatch):
-    options = benchmark("gptq_options", monkeypatch)
+def test_gptq_variants_name_their_options():
+    options = load_benchmark("gptq_options")
     got = {v: options.variant_config(v, 4) for v in ("rtn", "gptq", "gptq+act", "gptq@0.1", "gptq+act@0.001")}
     assert {v: (c.quantizer, c.gptq_act_order, c.gptq_damp, c.as_uniform, c.method) for v, c in got.items()} == {
         "rtn": ("rtn", False, 0.01, 4, "uniform"), "gptq": ("gptq", False, 0.01, 4, "uniform"),
@@ -31,8 +19,8 @@ def test_gptq_variants_name_their_options(monkeypatch):
         options.variant_config("gptq@0", 4)
 
 
-def test_mpq_rows_include_the_dense_model_on_request(monkeypatch):
-    mpq = benchmark("discovered_mpq", monkeypatch)
+def test_mpq_rows_include_the_dense_model_on_request():
+    mpq = load_benchmark("discovered_mpq")
     rows = mpq.configs([], ["uniform", "dense"], 3, "gptq")
     assert [label for label, _ in rows] == ["uniform", "dense"]
     assert rows[1][1] is None and rows[0][1].quantizer == "gptq"

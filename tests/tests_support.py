@@ -303,3 +303,18 @@ def correlated_inputs(seed, tokens=1024, width=72):
     x = x + 0.3 * torch.randn(tokens, width, generator=g)
     x[:, [3, 17, width - 5]] *= 10
     return x
+
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """A script under benchmarks/ as a module; the folder goes on sys.path because the scripts
+    import their siblings (discovered.py)."""
+    import importlib.util
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
